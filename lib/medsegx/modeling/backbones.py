@@ -149,4 +149,5 @@ def build_tinyvit(kind: str, sizes: ContextSizes, conmoae: ConMoAEConfig = ConMo
         iou_head_hidden_dim=256,
     )
     # LiteMedSAM expects 0..1 input (MedSAM convention), i.e. x / 255 of our 0..255 images.
-    return MedSegXModel(encoder, prompt_encoder, decoder, state, kind, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    return MedSegXModel(encoder, prompt_encoder, decoder, state, kind, (0.0, 0.0, 0.0), (255.0, 255.0, 255.0),
+                        output_mask_tokens=(0, 1, 2))

@@ -24,17 +24,22 @@ class MedSegXModel(nn.Module):
         backbone: "lite", "vit_b", "vit_l" or "vit_h" (or "tiny_*" in tests).
         pixel_mean, pixel_std: per-channel normalisation of 0..255 input
             (SAM's for ViT; 0 and 255 for LiteMedSAM, which expects 0..1).
+        output_mask_tokens: the decoder's mask tokens returned as the three outputs. MedSegX
+            uses SAM's multimask tokens (1, 2, 3). LiteMedSAM was trained single-mask (token 0:
+            the only one whose IoU head is calibrated), so the lite model returns (0, 1, 2).
     """
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  context_state: ContextState, backbone: str,
-                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float]) -> None:
+                 pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float],
+                 output_mask_tokens: tuple[int, int, int] = (1, 2, 3)) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.backbone = backbone
         self.image_size = IMAGE_SIZE
+        self.output_mask_tokens = list(output_mask_tokens)
         self._context_state = context_state
         self.weight_sources = {"backbone": "random init", "medsegx": "fresh ConMoAE (zero-initialised Up layers)"}
         self.metadata: dict = {}
@@ -116,14 +121,13 @@ class MedSegXModel(nn.Module):
         if boxes is not None:
             boxes = boxes.to(embeddings.dtype).reshape(-1, 1, 4)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
-        logits, iou = self.mask_decoder(
+        logits, iou = self.mask_decoder.predict_masks(
             image_embeddings=embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
-            multimask_output=True,
         )
-        return logits, iou
+        return logits[:, self.output_mask_tokens], iou[:, self.output_mask_tokens]
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor, context: torch.Tensor,
                 points: tuple[torch.Tensor, torch.Tensor] | None = None):
