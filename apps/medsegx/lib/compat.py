@@ -1,0 +1,98 @@
+"""The app's side of the MONAI Label 0.8.5 workarounds listed in ``docs/MONAILABEL_COMPAT.md``.
+
+That document is the one place that lists the breakages and every fix; this module holds
+the two that live in the app:
+
+- **#2 MLflow file store.** MLflow 3 / MONAI 1.6 refuse MONAI Label's default
+  ``file://<model>/mlruns`` tracking store. :func:`configure_tracking` makes the conf keys
+  ``tracking`` / ``tracking_uri`` (default ``sqlite:///<app>/model/mlflow.db``) the defaults
+  of every MONAI Label train task built afterwards (``settings.MONAI_LABEL_TRACKING_*``).
+- **#3 dcmqi download.** With a DICOMweb datastore MONAI Label downloads dcmqi from GitHub
+  unless ``itkimage2segimage`` is on ``PATH``. :func:`ensure_dcmqi_on_path` (called from
+  ``MedSegXApp._download_dcmqi_tools``) finds the tool the ``dcmqi`` wheel installed next to
+  the interpreter, puts that folder on ``PATH``, and raises a clear error instead of
+  downloading when it is missing.
+
+Not in that list but also MONAI Label's: a failing app constructor reaches the log as a
+uvicorn start-up traceback of some forty lines; :func:`one_line_startup_errors` keeps only the
+last line for the app's configuration errors, so a bad ``--conf`` fails with one clear line.
+
+The others are handled outside the app: #1 (pydicom-seg vs pydicom 3) by pinning
+``pydicom<3`` in ``requirements.txt`` -- it breaks ``import monailabel.app`` before any app
+code runs; #4 (the ``monailabel`` launcher runs ``python`` from ``PATH``) by
+``scripts/start.sh``; #5 (``params`` is a multipart form field) by the clients, and the infer
+task answers 422 "label is required" / "roi is required" when ``params`` did not arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sysconfig
+
+logger = logging.getLogger(__name__)
+
+DCMQI_TOOL = "itkimage2segimage"
+
+
+class _LastLineOnly(logging.Filter):
+    """Shortens a logged traceback whose exception line contains ``marker`` to that line."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if isinstance(message, str) and message.startswith("Traceback") and self.marker in message:
+            record.msg, record.args = message.rstrip().splitlines()[-1], ()
+        return True
+
+
+def one_line_startup_errors(error_type: type[Exception]) -> None:
+    """Log a start-up failure caused by ``error_type`` as its one-line message (idempotent).
+
+    uvicorn logs the text of a failed lifespan start-up (the whole traceback Starlette
+    formatted) on the ``uvicorn.error`` logger; the server then exits with code 3.
+    """
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _LastLineOnly) for f in server_log.filters):
+        server_log.addFilter(_LastLineOnly(f"{error_type.__name__}: "))
+
+
+def configure_tracking(tracking: str, tracking_uri: str) -> None:
+    """Make MONAI Label's train tasks track to ``tracking_uri``, or not at all.
+
+    Args:
+        tracking: ``"mlflow"`` or ``"none"``.
+        tracking_uri: an MLflow backend URI other than ``file://`` (validated by
+            ``AppSettings``).
+    """
+    from monailabel.config import settings
+
+    settings.MONAI_LABEL_TRACKING_ENABLED = tracking == "mlflow"
+    settings.MONAI_LABEL_TRACKING_URI = tracking_uri
+    logger.info("train tracking: %s", tracking_uri if tracking == "mlflow" else "off")
+
+
+def ensure_dcmqi_on_path() -> str:
+    """Make ``itkimage2segimage`` (from the ``dcmqi`` wheel) findable; never download it.
+
+    Returns:
+        The tool's path.
+
+    Raises:
+        RuntimeError: the tool is not installed (``pip install dcmqi``).
+    """
+    found = shutil.which(DCMQI_TOOL)
+    scripts = sysconfig.get_paths()["scripts"]
+    if found is None and os.path.isfile(os.path.join(scripts, DCMQI_TOOL)):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+        found = shutil.which(DCMQI_TOOL)
+    if found is None:
+        raise RuntimeError(
+            f"{DCMQI_TOOL} (dcmqi) is needed for DICOM SEG with a DICOMweb datastore and is not on PATH: "
+            "pip install dcmqi (MONAI Label would otherwise download dcmqi from GitHub); see docs/MONAILABEL_COMPAT.md #3"
+        )
+    return found

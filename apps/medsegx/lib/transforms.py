@@ -1,0 +1,86 @@
+"""Array plumbing between MONAI's loaded image and the predictor's frames.
+
+MONAI's ``LoadImage`` returns a volume as ``(X, Y, Z)`` = ``(i, j, k)`` and a picture
+(PNG/JPEG) as ``(X, Y)`` or ``(X, Y, C)`` (PIL's width first). The predictor takes
+``(H, W)`` = ``(Y, X)`` slices and ``(Z, H, W)`` stacks (``docs/ARCHITECTURE.md``), and both
+sides call a box ``(x0, y0, x1, y1)`` with the same x and y, so only axes move here, never
+coordinates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from pathlib import Path
+
+import numpy as np
+
+from medsegx.taxonomy import TaskContext
+from medsegx.transforms import CT_MODALITIES, ct_window_name, prepare_intensity, prepare_volume
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def is_picture(image_path: str | None) -> bool:
+    """A 2D picture file (display values 0..255), as opposed to a volume or a DICOM series."""
+    return bool(image_path) and Path(image_path).suffix.lower() in PICTURE_SUFFIXES
+
+
+def picture_to_rgb(array_xy: np.ndarray) -> np.ndarray:
+    """``(X, Y)`` / ``(X, Y, C)`` picture -> ``(H, W, 3)`` uint8 with its display values kept.
+
+    A picture is already windowed for display, so no intensity window is applied whatever
+    the modality (a CT window on 0..255 values would blank it); alpha is dropped.
+    """
+    array = np.asarray(array_xy)
+    if array.ndim == 3:
+        array = array[..., :3] if array.shape[-1] >= 3 else array[..., 0]
+    image_hw = np.swapaxes(array, 0, 1)
+    if image_hw.ndim == 2:
+        image_hw = np.repeat(image_hw[..., None], 3, axis=-1)
+    return prepare_intensity(image_hw, "Endos")  # an RGB modality: keeps 0..255, rescales others
+
+
+def volume_to_zhw(volume_xyz: np.ndarray) -> np.ndarray:
+    """``(X, Y, Z)`` -> ``(Z, Y, X)`` view."""
+    return np.transpose(volume_xyz, (2, 1, 0))
+
+
+def mask_zhw_to_xyz(mask_zhw: np.ndarray) -> np.ndarray:
+    return np.transpose(mask_zhw, (2, 1, 0))
+
+
+def intensity_signature(modality: str, context: TaskContext) -> str:
+    """What the intensity preparation depends on: the CT window, or the percentile rule."""
+    return f"{modality}:{ct_window_name(context)}" if modality in CT_MODALITIES else f"{modality}:percentile"
+
+
+class PreparedVolumes:
+    """A small LRU of volumes prepared to uint8 ``(Z, H, W)`` for the predictor.
+
+    The same prepared pixels serve 2D requests (one slice) and 3D requests, so an embedding
+    cached by one is valid for the other, and the intensity mapping of a volume is computed
+    once over all voxels (``prepare_volume``), not per slice.
+
+    Args:
+        capacity: volumes kept (a 512 x 512 x 300 CT is 75 MiB prepared).
+    """
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, volume_xyz: np.ndarray, modality: str, context: TaskContext) -> tuple[np.ndarray, bool]:
+        """Prepared ``(Z, H, W)`` uint8 for ``key`` (built from ``volume_xyz`` on a miss); (array, hit)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key], True
+        prepared = prepare_volume(volume_to_zhw(volume_xyz), modality, context, channels=1)
+        with self._lock:
+            self._items[key] = prepared
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return prepared, False

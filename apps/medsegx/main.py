@@ -1,0 +1,78 @@
+"""MONAI Label app for MedSegX (ConMoAE-SAM): wiring only.
+
+    monailabel start_server --app apps/medsegx --studies <folder or DICOMweb URL> \
+        [--conf backbone lite|vit_b|vit_l|vit_h] [--conf sam_checkpoint PATH] \
+        [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
+        [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...]
+
+Options are parsed once into ``lib.configs.settings.AppSettings``; the app's part of the
+MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py``; the
+request format is documented in ``lib/infers/medsegx.py`` and ``README.md``.
+"""
+
+import logging
+import os
+from typing import Any
+
+import medsegx
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+from lib import compat
+from lib.configs.medsegx import MedSegX
+from lib.configs.settings import AppConfigError, AppSettings
+
+logger = logging.getLogger(__name__)
+
+
+class MedSegXApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        compat.one_line_startup_errors(AppConfigError)
+        self.settings = AppSettings.from_conf(conf, app_dir)
+        self.model_dir = str(self.settings.model_dir)
+        os.makedirs(self.model_dir, exist_ok=True)
+        compat.configure_tracking(self.settings.tracking, self.settings.tracking_uri)
+
+        self.models = {"medsegx": MedSegX()}
+        for name, task_config in self.models.items():
+            task_config.init(name, self.model_dir, conf, None, settings=self.settings)
+
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="MedSegX (ConMoAE-SAM)",
+            description="Box-prompt segmentation of any MedSegDB structure, on a slice or propagated in 3D",
+            version=medsegx.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {name: task_config.infer() for name, task_config in self.models.items()}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        trainers = {name: task_config.trainer() for name, task_config in self.models.items()}
+        return {name: trainer for name, trainer in trainers.items() if trainer is not None}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def _download_dcmqi_tools(self):
+        compat.ensure_dcmqi_on_path()  # MONAI Label would download dcmqi from GitHub
+
+    def infer(self, request: dict[str, Any], datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            store = datastore if datastore else self.datastore()
+            if not store.get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        return super().infer(request, datastore)
+
+    def info(self):
+        info = super().info()
+        info["medsegx"] = self.settings.summary()
+        return info

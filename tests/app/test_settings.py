@@ -1,0 +1,48 @@
+"""``--conf`` parsing: one frozen AppSettings, one-line errors naming the key."""
+
+import dataclasses
+
+import pytest
+from lib.configs.settings import AppConfigError, AppSettings
+
+
+def test_defaults(tmp_path):
+    settings = AppSettings.from_conf({}, tmp_path)
+    tmp_path = tmp_path.resolve()
+    assert settings.backbone == "lite"
+    assert settings.device in ("cpu", "cuda")
+    assert settings.cache_size == 64
+    assert settings.checkpoint_paths == [tmp_path / "model" / "pretrained.pth", tmp_path / "model" / "medsegx.pth"]
+    assert settings.tracking == "mlflow"
+    assert settings.tracking_uri == f"sqlite:///{tmp_path.resolve()}/model/mlflow.db"  # never MLflow's file store
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.backbone = "vit_b"
+
+
+def test_configured_checkpoint_takes_the_pretrained_slot(tmp_path):
+    checkpoint = tmp_path / "mine.pth"
+    checkpoint.write_bytes(b"")
+    settings = AppSettings.from_conf({"medsegx_checkpoint": str(checkpoint), "cache_size": "3", "device": "cpu"}, tmp_path)
+    assert settings.checkpoint_paths == [checkpoint, tmp_path / "model" / "medsegx.pth"]
+    assert settings.cache_size == 3 and settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"backbone": "vit_x"}, "--conf backbone 'vit_x' is not one of lite, vit_b, vit_l, vit_h"),
+        ({"backbone": "vit_b"}, "needs --conf sam_checkpoint"),
+        ({"medsegx_checkpoint": "/nowhere/medsegx.pth"}, "--conf medsegx_checkpoint: file not found: /nowhere/medsegx.pth"),
+        ({"backbone": "vit_b", "sam_checkpoint": "/nowhere/sam.pth"}, "--conf sam_checkpoint: file not found: /nowhere/sam.pth"),
+        ({"cache_size": "-1"}, "--conf cache_size '-1' is not a non-negative integer"),
+        ({"cache_size": "many"}, "--conf cache_size 'many'"),
+        ({"device": "tpu"}, "--conf device 'tpu' is not cpu, cuda, cuda:N or mps"),
+        ({"tracking": "wandb"}, "--conf tracking 'wandb' is not mlflow or none"),
+        ({"tracking_uri": "file:///tmp/mlruns"}, "MLflow 3 refuses the file store"),
+    ],
+)
+def test_bad_conf_is_one_line_naming_the_key(tmp_path, conf, message):
+    with pytest.raises(AppConfigError) as info:
+        AppSettings.from_conf(conf, tmp_path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,165 @@
+"""Shared fixtures: the built sample data and a real MONAI Label server running the app.
+
+The server fixture starts ``monailabel start_server --app <copy of apps/medsegx>`` as a
+subprocess on a free port of 127.0.0.1, waits for ``GET /info/`` to answer (polling with a
+deadline, failing early if the process dies), yields a small handle with a
+``MONAILabelClient``, and stops the server at the end of the session. The server log goes to
+a file whose tail is put into failure messages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+APP_DIR = REPO / "apps" / "medsegx"
+BUILDER = REPO / "sample-data" / "build_sample_data.py"
+SERVER_START_TIMEOUT_S = float(os.environ.get("MEDSEGX_TEST_SERVER_TIMEOUT", "300"))
+
+
+def load_module(name: str, path: Path):
+    """Import a file that is not on ``sys.path`` (the sample-data builder script)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no server log)"
+
+
+def copy_app(destination: Path) -> Path:
+    """A private copy of the app: its model/, logs/ and bin/ never touch the checkout."""
+    shutil.copytree(APP_DIR, destination, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    return destination
+
+
+def server_command(app_dir: Path, studies: Path | str, port: int, *extra: str) -> list[str]:
+    # The `monailabel` launcher of this interpreter's environment (it runs `python -m monailabel.main`).
+    launcher = Path(sysconfig.get_paths()["scripts"]) / "monailabel"
+    return [str(launcher), "start_server", "--app", str(app_dir), "--studies", str(studies),
+            "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    scripts = sysconfig.get_paths()["scripts"]
+    env["PATH"] = scripts + os.pathsep + env.get("PATH", "")  # `python` and itkimage2segimage
+    env["MONAILABEL_PYEXE"] = sys.executable
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    app_dir: Path
+    client_dir: Path
+
+    def client(self):
+        from monailabel.client import MONAILabelClient
+
+        return MONAILabelClient(self.url, tmpdir=str(self.client_dir))
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        return log_tail(self.log, lines)
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll ``/info/`` until it answers 200; fail with the log tail on exit or timeout."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with code {process.returncode} before serving:\n{log_tail(log)}")
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)  # poll interval, not a wait for readiness
+    pytest.fail(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+class Launcher:
+    """How the fixtures start a server, for tests that start their own (e.g. to see it fail)."""
+
+    copy_app = staticmethod(copy_app)
+    env = staticmethod(server_env)
+
+    @staticmethod
+    def command(app_dir: Path, studies: Path | str, *extra: str) -> list[str]:
+        return server_command(app_dir, studies, free_port(), *extra)
+
+
+@pytest.fixture(scope="session")
+def server_launcher() -> Launcher:
+    return Launcher()
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory) -> dict:
+    """The sample studies built into a temporary folder (``build`` from ``sample-data/``)."""
+    builder = load_module("build_sample_data", BUILDER)
+    return builder.build(tmp_path_factory.mktemp("sample-data") / "datastore")
+
+
+@pytest.fixture(scope="session")
+def medsegx_server(sample_data, tmp_path_factory):
+    """A running ``monailabel start_server`` with the app on the sample datastore."""
+    root = tmp_path_factory.mktemp("server")
+    app_dir = copy_app(root / "app")
+    log = root / "server.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(server_command(app_dir, sample_data["datastore"], port), stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=server_env(), cwd=root, start_new_session=True)
+    server = Server(url, process, log, app_dir, root / "client")
+    server.client_dir.mkdir()
+    try:
+        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
+        yield server
+    finally:
+        stop(process)
