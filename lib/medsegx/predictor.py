@@ -1,0 +1,464 @@
+"""Box-prompt prediction with an image-embedding cache: 2D slices and 3D propagation.
+
+``Predictor`` wraps a ``MedSegXModel`` like segment-anything's ``SamPredictor``: the image
+encoder's output for an (image, slice, context) triple is kept in a small LRU cache, so a
+second box (or extra points) on the same slice under the same context costs only the
+prompt encoder and mask decoder. The context is part of the key because ConMoAE
+conditions the *encoder* on it.
+
+Frames (``docs/ARCHITECTURE.md``, ``medsegx.transforms``): boxes and points are given in
+original-image pixels, boxes ``(x0, y0, x1, y1)`` as **inclusive** indices (x = column,
+y = row); masks come back at the original size; ``Prediction.logits`` are the raw
+multimask logits in the 256 x 256 model frame.
+
+Images must already be prepared to uint8 (``medsegx.transforms.prepare_intensity`` /
+``prepare_volume``): the predictor never guesses an intensity window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medsegx.metrics import dice
+from medsegx.taxonomy import TaskContext
+from medsegx.transforms import (
+    ResizeInfo,
+    box_to_model,
+    mask_from_model,
+    points_to_model,
+    to_model_input,
+    validate_box,
+    validate_box3d,
+    validate_points,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CacheStats", "Prediction", "Prediction3D", "Predictor", "context_indices"]
+
+SELECT_MODES = ("iou", "oracle")
+#: Logit offset of the stability score (segment-anything's ``calculate_stability_score``).
+STABILITY_OFFSET = 1.0
+
+
+def context_indices(context: TaskContext | Sequence[int]) -> tuple[int, int, int, int, int]:
+    """``TaskContext`` or a 5-sequence -> ``(modality, level1, level2, level3, task)`` ints.
+
+    Raises:
+        ValueError: not a ``TaskContext`` or 5 integers.
+    """
+    if isinstance(context, TaskContext):
+        return context.indices
+    values = tuple(np.asarray(context).reshape(-1).tolist()) if context is not None else ()
+    if len(values) != 5 or not all(float(v).is_integer() for v in values):
+        raise ValueError(f"context must be a TaskContext or 5 integers (modality, level1, level2, level3, task), "
+                         f"got {context!r}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _as_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{what} must be (H, W) or (H, W, 3), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8 (prepare it with medsegx.transforms.prepare_intensity), "
+                         f"got dtype {image.dtype}")
+    return image
+
+
+def _content_key(image: np.ndarray) -> str:
+    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
+    digest.update(repr((image.shape, image.dtype.str)).encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Embedding cache counters since construction (or the last ``clear_cache``)."""
+
+    hits: int
+    misses: int
+    size: int
+    capacity: int
+
+
+@dataclass
+class Prediction:
+    """One 2D prediction.
+
+    Attributes:
+        mask: ``(H, W)`` bool at the original size (chosen output, logit > 0).
+        logits: ``(3, 256, 256)`` float32 raw multimask logits in the model frame.
+        iou: ``(3,)`` predicted IoU of each output.
+        chosen: index of the output used for ``mask``.
+        score: predicted IoU of the chosen output.
+        stability: stability score of the chosen output, ``|logits > +1| / |logits > -1|``
+            in the model frame (segment-anything's; 0 for an empty mask): near 1 for a
+            crisp mask, lower when the decoder is unsure.
+        expert_gates: ``(num_blocks, K)`` ConMoAE gate weights of the encoder pass.
+        box_model: ``(4,)`` the box as the model saw it (XYXY, 256 frame).
+        cache_hit: the embedding came from the cache (no encoder run).
+        encode_ms: resize + normalise + image encoder (0 on a cache hit).
+        decode_ms: prompt encoder + mask decoder.
+        post_ms: choosing the output and resizing the mask to the original size.
+    """
+
+    mask: np.ndarray
+    logits: np.ndarray
+    iou: np.ndarray
+    chosen: int
+    score: float
+    stability: float
+    expert_gates: np.ndarray
+    box_model: np.ndarray
+    cache_hit: bool
+    encode_ms: float
+    decode_ms: float
+    post_ms: float
+
+    @property
+    def timings(self) -> dict[str, float | bool]:
+        return {"encode_ms": self.encode_ms, "decode_ms": self.decode_ms, "post_ms": self.post_ms,
+                "total_ms": self.encode_ms + self.decode_ms + self.post_ms, "cache_hit": self.cache_hit}
+
+
+@dataclass
+class Prediction3D:
+    """A propagated 3D prediction.
+
+    Attributes:
+        mask: ``(Z, H, W)`` bool.
+        scores: ``(Z,)`` float32 predicted IoU per slice; ``nan`` where no slice was segmented.
+        slices: segmented slice indices, ascending (a slice whose mask vanished is included:
+            it was segmented, and it ended the propagation).
+        middle_slice: the slice segmented with the user's box.
+        middle: the full ``Prediction`` of the middle slice (its logits for ``--logits-out``).
+        timings: ``encode_ms`` / ``decode_ms`` / ``post_ms`` summed over slices, ``total_ms``
+            wall time, ``cache_hits``.
+    """
+
+    mask: np.ndarray
+    scores: np.ndarray
+    slices: list[int]
+    middle_slice: int
+    middle: Prediction
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Embedding:
+    embeddings: torch.Tensor  # (1, 256, g, g)
+    expert_gates: torch.Tensor  # (1, num_blocks, K)
+    info: ResizeInfo
+
+
+class Predictor:
+    """Box (+ point) prompt predictor with an LRU cache of image embeddings.
+
+    Thread-safe: one lock serialises model use and the cache (the ConMoAE context state in
+    the model is shared, so two encoder passes must never interleave).
+
+    Args:
+        model: a ``MedSegXModel`` (``medsegx.build.build_model``); put in eval mode.
+        cache_size: embeddings kept (lite: 4 MiB each; ViT: 256 KiB each). 0 disables caching.
+        device: move the model there; ``None`` keeps the model's device.
+
+    Example:
+        >>> predictor = Predictor(build_model("lite"))
+        >>> ctx = resolve("liver", "CT")
+        >>> image = prepare_intensity(ct_slice_hu, "CT", ctx)
+        >>> first = predictor.predict(image, (120, 80, 300, 260), ctx, key="case1")
+        >>> second = predictor.predict(image, (310, 200, 380, 270), ctx, key="case1")
+        >>> second.cache_hit, second.encode_ms
+        (True, 0.0)
+    """
+
+    def __init__(self, model: torch.nn.Module, cache_size: int = 8, device: str | torch.device | None = None) -> None:
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
+        if device is not None:
+            model = model.to(device)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.cache_size = cache_size
+        self._cache: OrderedDict[Hashable, _Embedding] = OrderedDict()
+        self._lock = threading.RLock()
+        self._hits = 0
+        self._misses = 0
+
+    # -- cache --------------------------------------------------------------------------
+    @property
+    def cache_stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, len(self._cache), self.cache_size)
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+    def _embedding(self, image: np.ndarray, cache_key: Hashable, context: tuple[int, ...]) -> tuple[_Embedding, bool, float]:
+        """Cached encoder output for ``image`` under ``context``; (entry, hit, encode_ms). Lock held."""
+        entry = self._cache.get(cache_key)
+        if entry is not None:
+            self._cache.move_to_end(cache_key)
+            self._hits += 1
+            return entry, True, 0.0
+        self._misses += 1
+        start = time.perf_counter()
+        tensor, info = to_model_input(image, self.model.normalize, self.device)
+        context_tensor = torch.tensor([context], dtype=torch.long, device=self.device)
+        embeddings, gates = self.model.encode(tensor, context_tensor)
+        entry = _Embedding(embeddings, gates, info)
+        encode_ms = (time.perf_counter() - start) * 1000.0
+        if self.cache_size > 0:
+            self._cache[cache_key] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return entry, False, encode_ms
+
+    # -- 2D -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: np.ndarray,
+        box: Sequence[float] | np.ndarray,
+        context: TaskContext | Sequence[int],
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        key: Hashable | None = None,
+        select: str | int = "iou",
+        gt: np.ndarray | None = None,
+        slice_index: int | None = None,
+    ) -> Prediction:
+        """Segment the object in ``box`` on one prepared 2D image.
+
+        Args:
+            image: ``(H, W, 3)`` or ``(H, W)`` uint8 (``prepare_intensity``).
+            box: ``(x0, y0, x1, y1)`` inclusive pixel indices; clipped if partly outside.
+            context: ``TaskContext`` or 5 ints ``(modality, level1, level2, level3, task)``.
+            points: optional ``(N, 3)`` rows ``(x, y, label)`` in original pixels, label 1 =
+                foreground, 0 = background; added on top of the box.
+            key: cache key of the image (e.g. an image id); ``None`` hashes the pixels.
+                The cache key is ``(key, slice_index, context)``; a caller's key must change
+                whenever the pixels do.
+            select: ``"iou"`` (highest predicted IoU), ``"oracle"`` (best Dice against ``gt``;
+                evaluation only) or a fixed output index 0..2.
+            gt: ``(H, W)`` ground truth for ``select="oracle"``.
+            slice_index: part of the cache key when ``key`` names a volume.
+
+        Returns:
+            ``Prediction``.
+
+        Raises:
+            ValueError: bad image / box / points / context / select (the message names it).
+        """
+        image = _as_rgb_uint8(image)
+        height, width = image.shape[:2]
+        validate_box(box, (height, width))
+        point_array = validate_points(points, (height, width))
+        select = _check_select(select, gt, (height, width))
+        context_tuple = context_indices(context)
+        cache_key = (key if key is not None else _content_key(image), slice_index, context_tuple)
+        with self._lock:
+            entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+            return self._decode(entry, hit, encode_ms, box, point_array, select, gt)
+
+    def _decode(self, entry: _Embedding, hit: bool, encode_ms: float, box, point_array, select, gt) -> Prediction:
+        info = entry.info
+        start = time.perf_counter()
+        box_model = box_to_model(box, info)
+        prompt_points = None
+        if point_array is not None:
+            coords = torch.from_numpy(points_to_model(point_array[:, :2], info))[None].to(self.device)
+            labels = torch.from_numpy(point_array[:, 2].astype(np.int64))[None].to(self.device)
+            prompt_points = (coords, labels)
+        boxes = torch.from_numpy(box_model)[None].to(self.device)
+        logits, iou = self.model.decode(entry.embeddings, boxes, prompt_points)
+        decode_ms = (time.perf_counter() - start) * 1000.0
+
+        start = time.perf_counter()
+        logits = logits[0].float()
+        iou_values = iou[0].float().cpu().numpy()
+        if select == "oracle":
+            masks = mask_from_model(logits, info)
+            scores = [dice(m, gt) for m in masks]
+            chosen = int(np.argmax(scores))
+            mask = masks[chosen]
+        else:
+            chosen = int(np.argmax(iou_values)) if select == "iou" else int(select)
+            mask = mask_from_model(logits[chosen], info)
+        chosen_logits = logits[chosen]
+        unsure = int((chosen_logits > -STABILITY_OFFSET).sum())
+        stability = float((chosen_logits > STABILITY_OFFSET).sum()) / unsure if unsure else 0.0
+        post_ms = (time.perf_counter() - start) * 1000.0
+        return Prediction(
+            mask=mask,
+            logits=logits.cpu().numpy().astype(np.float32, copy=False),
+            iou=iou_values,
+            chosen=chosen,
+            score=float(iou_values[chosen]),
+            stability=stability,
+            expert_gates=entry.expert_gates[0].float().cpu().numpy(),
+            box_model=box_model,
+            cache_hit=hit,
+            encode_ms=encode_ms,
+            decode_ms=decode_ms,
+            post_ms=post_ms,
+        )
+
+    # -- 3D -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_3d(
+        self,
+        volume: np.ndarray,
+        box3d: Sequence[float] | np.ndarray,
+        context: TaskContext | Sequence[int],
+        key: Hashable | None = None,
+        margin: int = 3,
+        min_pixels: int = 5,
+        limit_growth: float = 0.1,
+        min_score_ratio: float | None = 0.8,
+        min_stability_ratio: float | None = 0.9,
+    ) -> Prediction3D:
+        """Segment the middle slice of a 3D box, then propagate slice by slice both ways.
+
+        Slice ``zm = (z0 + z1) // 2`` is segmented with the user's 2D box. Moving away from it
+        (``zm + 1 .. z1`` then ``zm - 1 .. z0``), each slice is prompted with the bounding box
+        of its neighbour's mask pushed out by ``margin`` px on every side, clipped to the
+        **limit box**: the user's 2D box grown on each side by ``limit_growth`` x its longer
+        side (at least ``margin`` px), so the propagation can follow a slightly off box but
+        never wanders away. A direction stops at ``z0`` / ``z1`` or at the first slice where
+        the object ended, which is left empty: its mask has fewer than ``min_pixels`` pixels,
+        its stability score is below ``min_stability_ratio`` x the middle slice's, or its
+        predicted IoU is below ``min_score_ratio`` x the middle slice's. SAM-type decoders
+        still outline *something* in a box over plain tissue, only less crisply: on a
+        synthetic CT ellipsoid LiteMedSAM gives stability 0.95-0.97 / IoU 0.95 on the object
+        and stability <= 0.78 / IoU 0.72-0.82 past its end, so the stability test does the
+        work and the IoU test is a second guard. Both are relative, so a model's own logit
+        scale and IoU calibration cancel out.
+
+        Memory stays bounded: slices are encoded one at a time, only the predictor's LRU
+        cache (``cache_size`` embeddings) is kept, and the output is a bool volume.
+
+        Args:
+            volume: prepared ``(Z, H, W)`` or ``(Z, H, W, 3)`` uint8 (``prepare_volume``).
+            box3d: ``(x0, y0, x1, y1, z0, z1)``: inclusive pixel indices, x = column,
+                y = row, z = first axis; clipped if partly outside.
+            context: ``TaskContext`` or 5 ints.
+            key: cache key of the volume (slices are keyed ``(key, z, context)``); ``None``
+                hashes each slice's pixels.
+            margin: px added around the neighbour mask's bounding box.
+            min_pixels: a mask smaller than this counts as vanished.
+            limit_growth: growth of the limit box, a fraction of the user box's longer side.
+            min_score_ratio: relative predicted-IoU stop; ``None`` disables it (e.g. for a
+                model whose IoU head is untrained).
+            min_stability_ratio: relative stability-score stop; ``None`` disables it.
+
+        Returns:
+            ``Prediction3D``.
+
+        Raises:
+            ValueError: bad volume, box or context.
+        """
+        start_total = time.perf_counter()
+        volume = np.asarray(volume)
+        if volume.ndim == 4 and volume.shape[-1] == 1:
+            volume = volume[..., 0]
+        if not (volume.ndim == 3 or (volume.ndim == 4 and volume.shape[-1] == 3)):
+            raise ValueError(f"volume must be (Z, H, W) or (Z, H, W, 3), got shape {volume.shape}")
+        if volume.dtype != np.uint8:
+            raise ValueError(f"volume must be uint8 (prepare it with medsegx.transforms.prepare_volume), "
+                             f"got dtype {volume.dtype}")
+        depth, height, width = volume.shape[:3]
+        box_xy, z_first, z_last = validate_box3d(box3d, (depth, height, width))
+        ratios = (min_score_ratio, min_stability_ratio)
+        if margin < 0 or min_pixels < 1 or limit_growth < 0 or any(r is not None and r < 0 for r in ratios):
+            raise ValueError(f"need margin >= 0, min_pixels >= 1, limit_growth >= 0 and ratios >= 0 or None; got "
+                             f"margin={margin}, min_pixels={min_pixels}, limit_growth={limit_growth}, "
+                             f"min_score_ratio={min_score_ratio}, min_stability_ratio={min_stability_ratio}")
+        context_tuple = context_indices(context)
+        grow = max(float(margin), limit_growth * max(box_xy[2] - box_xy[0], box_xy[3] - box_xy[1]))
+        limit = np.array([max(0.0, box_xy[0] - grow), max(0.0, box_xy[1] - grow),
+                          min(width - 1.0, box_xy[2] + grow), min(height - 1.0, box_xy[3] + grow)])
+
+        mask = np.zeros((depth, height, width), dtype=bool)
+        scores = np.full(depth, np.nan, dtype=np.float32)
+        segmented: list[int] = []
+        totals = {"encode_ms": 0.0, "decode_ms": 0.0, "post_ms": 0.0, "cache_hits": 0}
+
+        def run(z: int, box, min_score: float = -np.inf, min_stability: float = -np.inf) -> Prediction:
+            image = _as_rgb_uint8(volume[z], what=f"volume slice {z}")
+            cache_key = (key if key is not None else _content_key(image), z, context_tuple)
+            with self._lock:
+                entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+                prediction = self._decode(entry, hit, encode_ms, box, None, "iou", None)
+            totals["encode_ms"] += prediction.encode_ms
+            totals["decode_ms"] += prediction.decode_ms
+            totals["post_ms"] += prediction.post_ms
+            totals["cache_hits"] += int(prediction.cache_hit)
+            segmented.append(z)
+            scores[z] = prediction.score
+            if (prediction.mask.sum() >= min_pixels and prediction.score >= min_score
+                    and prediction.stability >= min_stability):
+                mask[z] = prediction.mask
+            return prediction
+
+        middle_slice = (z_first + z_last) // 2
+        middle = run(middle_slice, box_xy)
+        min_score = -np.inf if min_score_ratio is None else min_score_ratio * middle.score
+        min_stability = -np.inf if min_stability_ratio is None else min_stability_ratio * middle.stability
+        if mask[middle_slice].any():
+            for step, stop in ((1, z_last), (-1, z_first)):
+                z = middle_slice
+                while z != stop:
+                    previous = mask[z]
+                    z += step
+                    box = _propagated_box(previous, margin, limit)
+                    if box is None:
+                        break
+                    run(z, box, min_score, min_stability)
+                    if not mask[z].any():
+                        break
+        totals["total_ms"] = (time.perf_counter() - start_total) * 1000.0
+        return Prediction3D(mask=mask, scores=scores, slices=sorted(segmented), middle_slice=middle_slice,
+                            middle=middle, timings=totals)
+
+
+def _propagated_box(previous: np.ndarray, margin: int, limit: np.ndarray) -> np.ndarray | None:
+    """Bounding box of ``previous`` pushed out by ``margin``, clipped to ``limit``; None if disjoint."""
+    rows = np.flatnonzero(previous.any(axis=1))
+    cols = np.flatnonzero(previous.any(axis=0))
+    box = np.array([cols[0] - margin, rows[0] - margin, cols[-1] + margin, rows[-1] + margin], dtype=np.float64)
+    box[:2] = np.maximum(box[:2], limit[:2])
+    box[2:] = np.minimum(box[2:], limit[2:])
+    if box[2] < box[0] or box[3] < box[1]:
+        return None
+    return box
+
+
+def _check_select(select, gt, image_size: tuple[int, int]):
+    if isinstance(select, (int, np.integer)) and not isinstance(select, bool):
+        if not 0 <= int(select) <= 2:
+            raise ValueError(f"select index must be 0, 1 or 2, got {select}")
+        return int(select)
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {', '.join(SELECT_MODES)} or an output index, got {select!r}")
+    if select == "oracle":
+        if gt is None:
+            raise ValueError("select='oracle' needs gt (evaluation only)")
+        if np.shape(gt) != image_size:
+            raise ValueError(f"gt shape {np.shape(gt)} != image (H, W) {image_size}")
+    return select

@@ -1,0 +1,513 @@
+"""medsegx.predictor (embedding cache, 2D predict, 3D propagation) and the ``medsegx`` CLI.
+
+Three models keep this fast: a weight-free ``ThresholdModel`` for the propagation mechanics,
+the tiny random ``tiny_vit`` for the cache and output contract, and the real LiteMedSAM
+weights (``build_model("lite")``, built once per module) for accuracy and the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medsegx.build import build_model, count_parameters
+from medsegx.cli import main as cli_main
+from medsegx.metrics import dice
+from medsegx.predictor import Prediction, Prediction3D, Predictor, context_indices
+from medsegx.taxonomy import resolve
+from medsegx.transforms import mask_from_model, prepare_intensity, prepare_volume, resize_info
+
+REPO = Path(__file__).resolve().parents[2]
+LIVER = resolve("liver", "CT")
+SPLEEN = resolve("spleen", "CT")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class ThresholdModel(torch.nn.Module):
+    """Weight-free stand-in: the "embedding" is the image, the mask = bright pixels in the box."""
+
+    backbone = "stub"
+
+    def __init__(self, score: float = 0.9) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.score = score
+        self.encode_calls = 0
+        self.boxes: list[list[float]] = []
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return images / 255.0
+
+    def encode(self, images: torch.Tensor, context: torch.Tensor):
+        self.encode_calls += 1
+        return images[:, :1].clone(), torch.zeros(images.shape[0], 2, 4)
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, points=None):
+        x0, y0, x1, y1 = boxes[0].tolist()
+        self.boxes.append([x0, y0, x1, y1])
+        size = embeddings.shape[-1]
+        rows, cols = torch.arange(size)[:, None], torch.arange(size)[None]
+        inside = (cols >= math.floor(x0)) & (cols <= math.ceil(x1)) & (rows >= math.floor(y0)) & (rows <= math.ceil(y1))
+        foreground = (embeddings[0, 0] > 0.5) & inside
+        logits = torch.where(foreground, 10.0, -10.0)[None, None].repeat(1, 3, 1, 1)
+        return logits, torch.tensor([[self.score, 0.5, 0.1]])
+
+
+def disk(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    return (rows - center[0]) ** 2 + (cols - center[1]) ** 2 <= radius**2
+
+
+def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[int, int, int, int]:
+    rows, cols = np.nonzero(mask)
+    return cols.min() - pad, rows.min() - pad, cols.max() + pad, rows.max() + pad
+
+
+def ct_phantom(shape: tuple[int, int], organ: np.ndarray, seed: int = 0) -> np.ndarray:
+    """HU slice: air, a soft-tissue body ellipse, a brighter (contrast-enhanced) organ, noise."""
+    rows, cols = np.ogrid[: shape[0], : shape[1]]
+    body = ((rows - shape[0] / 2) / (0.45 * shape[0])) ** 2 + ((cols - shape[1] / 2) / (0.46 * shape[1])) ** 2 <= 1
+    hu = np.where(body, 0.0, -1000.0)
+    hu[organ] = 150.0
+    return hu + np.random.default_rng(seed).normal(0.0, 10.0, hu.shape)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("tiny_vit", pretrained=False)
+
+
+@pytest.fixture(scope="module")
+def lite_model():
+    return build_model("lite")
+
+
+@pytest.fixture()
+def counting(tiny_model, monkeypatch):
+    """tiny_vit with its encoder calls counted."""
+    calls = []
+    encode = tiny_model.encode
+
+    def counted(images, context):
+        calls.append(context.tolist())
+        return encode(images, context)
+
+    monkeypatch.setattr(tiny_model, "encode", counted)
+    return tiny_model, calls
+
+
+def grey_image(seed: int = 0, shape=(300, 200)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- 2D contract
+
+
+def test_prediction_contract(tiny_model):
+    image = grey_image()
+    result = Predictor(tiny_model).predict(image, (20, 30, 150, 250), LIVER)
+    assert isinstance(result, Prediction)
+    assert result.mask.shape == (300, 200) and result.mask.dtype == bool
+    assert result.logits.shape == (3, 256, 256) and result.logits.dtype == np.float32
+    assert result.iou.shape == (3,)
+    assert result.chosen == int(np.argmax(result.iou)) and result.score == pytest.approx(result.iou[result.chosen])
+    chosen = result.logits[result.chosen]
+    assert result.stability == pytest.approx((chosen > 1).sum() / max((chosen > -1).sum(), 1))
+    blocks = len(tiny_model.conmoae_blocks)
+    assert result.expert_gates.shape == (blocks, 4)
+    assert np.allclose(result.expert_gates.sum(axis=-1), 1.0, atol=1e-5)
+    assert result.box_model == pytest.approx(np.array([20, 30, 150, 250]) * 256 / 300)
+    assert not result.cache_hit and result.encode_ms > 0 and result.decode_ms > 0
+    assert set(result.timings) >= {"encode_ms", "decode_ms", "cache_hit", "total_ms"}
+    # the mask is the chosen logits resized to the original frame
+    assert np.array_equal(result.mask, mask_from_model(result.logits[result.chosen], resize_info(300, 200)))
+
+
+def test_second_box_on_same_slice_hits_cache(counting):
+    model, calls = counting
+    predictor = Predictor(model)
+    image = grey_image()
+    first = predictor.predict(image, (20, 30, 150, 250), LIVER, key="case-1")
+    second = predictor.predict(image, (60, 60, 120, 120), LIVER, key="case-1")
+    assert len(calls) == 1
+    assert not first.cache_hit and second.cache_hit and second.encode_ms == 0.0
+    stats = predictor.cache_stats
+    assert (stats.hits, stats.misses, stats.size, stats.capacity) == (1, 1, 1, 8)
+    assert not np.allclose(first.logits, second.logits)
+    assert np.array_equal(first.expert_gates, second.expert_gates)
+
+
+def test_cache_key_from_pixels_context_and_slice(counting):
+    model, calls = counting
+    predictor = Predictor(model)
+    image = grey_image()
+    predictor.predict(image, (20, 30, 150, 250), LIVER)
+    assert predictor.predict(image.copy(), (20, 30, 150, 250), LIVER).cache_hit  # same bytes
+    changed = image.copy()
+    changed[0, 0] += 1
+    assert not predictor.predict(changed, (20, 30, 150, 250), LIVER).cache_hit
+    assert not predictor.predict(image, (20, 30, 150, 250), SPLEEN).cache_hit  # context conditions the encoder
+    assert calls[-1] == [list(SPLEEN.indices)]
+    assert predictor.predict(image, (20, 30, 150, 250), SPLEEN.indices).cache_hit  # 5-tuple == TaskContext
+    assert not predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=3).cache_hit
+    assert not predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=4).cache_hit
+    assert predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=3).cache_hit
+    assert predictor.cache_stats.misses == len(calls) == 5
+
+
+def test_lru_eviction_and_clear(counting):
+    model, calls = counting
+    predictor = Predictor(model, cache_size=2)
+    image = grey_image()
+    for key in ("a", "b", "a", "c"):  # "a" was used after "b": "b" is evicted
+        predictor.predict(image, (20, 30, 150, 250), LIVER, key=key)
+    assert predictor.cache_stats.size == 2
+    assert predictor.predict(image, (20, 30, 150, 250), LIVER, key="a").cache_hit
+    assert not predictor.predict(image, (20, 30, 150, 250), LIVER, key="b").cache_hit
+    predictor.clear_cache()
+    assert predictor.cache_stats == type(predictor.cache_stats)(0, 0, 0, 2)
+    assert not Predictor(model, cache_size=0).predict(image, (0, 0, 10, 10), LIVER, key="a").cache_hit
+
+
+def test_points_select_and_oracle(tiny_model):
+    predictor = Predictor(tiny_model)
+    image = grey_image()
+    box_only = predictor.predict(image, (20, 30, 150, 250), LIVER, key="k")
+    with_points = predictor.predict(image, (20, 30, 150, 250), LIVER, key="k", points=[[80, 100, 1], [30, 40, 0]])
+    assert with_points.cache_hit and not np.allclose(box_only.logits, with_points.logits)
+    fixed = predictor.predict(image, (20, 30, 150, 250), LIVER, key="k", select=1)
+    assert fixed.chosen == 1 and np.allclose(fixed.logits, box_only.logits)
+    gt = np.zeros((300, 200), dtype=bool)
+    gt[30:250, 20:150] = True
+    oracle = predictor.predict(image, (20, 30, 150, 250), LIVER, key="k", select="oracle", gt=gt)
+    scores = [dice(m, gt) for m in mask_from_model(oracle.logits, resize_info(300, 200))]
+    assert oracle.chosen == int(np.argmax(scores))
+
+
+def test_predict_is_thread_safe(tiny_model):
+    predictor = Predictor(tiny_model, cache_size=1)  # force re-encoding while threads interleave
+    images = [grey_image(seed) for seed in range(2)]
+    contexts = [LIVER, SPLEEN]
+    expected = {(i, c): predictor.predict(images[i], (20, 30, 150, 250), contexts[c]).logits
+                for i in range(2) for c in range(2)}
+    errors: list[str] = []
+
+    def worker(offset: int) -> None:
+        for step in range(3):
+            i, c = (offset + step) % 2, (offset // 2 + step) % 2
+            logits = predictor.predict(images[i], (20, 30, 150, 250), contexts[c]).logits
+            if not np.allclose(logits, expected[(i, c)], atol=1e-5):
+                errors.append(f"thread {offset} step {step}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    ("image", "box", "context", "kwargs", "message"),
+    [
+        (grey_image(), (250, 10, 260, 20), LIVER, {}, r"box \(250, 10, 260, 20\).*200 x 300.*outside"),
+        (grey_image(), (50, 10, 40, 20), LIVER, {}, r"box \(50, 10, 40, 20\).*inverted"),
+        (grey_image().astype(np.float32), (0, 0, 5, 5), LIVER, {}, "uint8.*prepare_intensity.*float32"),
+        (np.zeros((2, 4, 4, 3), np.uint8), (0, 0, 1, 1), LIVER, {}, r"\(H, W\) or \(H, W, 3\), got shape \(2, 4, 4, 3\)"),
+        (grey_image(), (0, 0, 5, 5), (1, 2, 3), {}, "context must be a TaskContext or 5 integers"),
+        (grey_image(), (0, 0, 5, 5), LIVER, {"select": "best"}, "select must be one of iou, oracle"),
+        (grey_image(), (0, 0, 5, 5), LIVER, {"select": "oracle"}, "needs gt"),
+        (grey_image(), (0, 0, 5, 5), LIVER, {"points": [[1, 1, 2]]}, "labels must be 1 .* or 0"),
+        (grey_image(), (0, 0, 5, 5), LIVER, {"points": [[1, 400, 1]]}, r"point \(1.0, 400.0\).*outside"),
+    ],
+)
+def test_bad_inputs_raise_value_error(tiny_model, image, box, context, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Predictor(tiny_model).predict(image, box, context, **kwargs)
+
+
+def test_context_indices():
+    assert context_indices(LIVER) == LIVER.indices
+    assert context_indices(np.array(LIVER.indices)) == LIVER.indices
+    with pytest.raises(ValueError, match="5 integers"):
+        context_indices((1.5, 0, 0, 0, 0))
+
+
+# ----------------------------------------------------------------------------- 3D mechanics
+
+
+def moving_disk_volume(depth=30, first=10, last=20, size=256):
+    """A disk present on slices first..last whose centre moves 2 px per slice, plus a distractor."""
+    objects = np.zeros((depth, size, size), dtype=bool)
+    for z in range(first, last + 1):
+        objects[z] = disk((size, size), (100 + 2 * (z - first), 90 + 2 * (z - first)), 18 - abs(z - 15))
+    distractor = np.zeros_like(objects)
+    distractor[:, 200:240, 200:240] = True  # bright, on every slice, outside the user's box
+    volume = np.where(objects | distractor, 200, 20).astype(np.uint8)
+    return volume, objects
+
+
+def test_propagation_follows_object_and_stops_where_it_ends():
+    volume, objects = moving_disk_volume()
+    model = ThresholdModel()
+    predictor = Predictor(model, cache_size=2)
+    result = predictor.predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER)
+    assert isinstance(result, Prediction3D)
+    assert result.middle_slice == 14
+    assert result.mask.shape == volume.shape and result.mask.dtype == bool
+    assert np.array_equal(result.mask, objects)  # 256 x 256 slices: the stub is exact
+    assert result.slices == list(range(9, 22))  # 10..20 plus the empty 9 and 21 that stopped it
+    assert np.isnan(result.scores[:9]).all() and np.isnan(result.scores[22:]).all()
+    assert model.encode_calls == 13 and predictor.cache_stats.size == 2  # bounded memory
+    assert result.timings["encode_ms"] > 0 and result.timings["total_ms"] >= result.timings["decode_ms"]
+    assert result.middle.logits.shape == (3, 256, 256)
+
+
+def test_propagated_boxes_stay_inside_the_grown_user_box():
+    volume, _ = moving_disk_volume()
+    model = ThresholdModel()
+    Predictor(model).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, margin=3, limit_growth=0.1)
+    boxes = np.array(model.boxes)
+    assert boxes[0].tolist() == [60, 70, 160, 170]  # the middle slice gets the user's box
+    assert boxes[:, :2].min() >= 50 and boxes[:, 2:].max() <= 180  # grown by 0.1 x 100 px
+    assert boxes[:, 2].max() < 200  # never reaches the distractor at x >= 200
+
+
+def test_propagation_stops_on_low_score_and_empty_middle():
+    volume, objects = moving_disk_volume()
+    result = Predictor(ThresholdModel()).predict_3d(volume, (60, 70, 160, 170, 12, 17), LIVER)
+    assert result.slices == list(range(12, 18)) and result.mask[:12].sum() == 0 and result.mask[18:].sum() == 0
+
+    class FadingScore(ThresholdModel):  # predicted IoU drops away from the middle
+        def decode(self, embeddings, boxes, points=None):
+            logits, iou = super().decode(embeddings, boxes, points)
+            return logits, iou * (1.0 - 0.06 * (len(self.boxes) - 1))
+
+    faded = Predictor(FadingScore()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, min_score_ratio=0.8)
+    assert faded.mask[14].any() and faded.mask.sum() < objects.sum()
+    # decode calls 2..4 (slices 15..17) keep >= 0.8 x the middle's IoU; call 5 (slice 18) and 6 (13) do not
+    assert faded.slices == list(range(13, 19)) and faded.mask.any(axis=(1, 2)).nonzero()[0].tolist() == [14, 15, 16, 17]
+
+    class SoftAfterThree(ThresholdModel):  # logits lose their confidence: stability drops to 0
+        def decode(self, embeddings, boxes, points=None):
+            logits, iou = super().decode(embeddings, boxes, points)
+            return (logits if len(self.boxes) <= 3 else logits * 0.05), iou
+
+    soft = Predictor(SoftAfterThree()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER)
+    # decode calls 1..3 = slices 14, 15, 16 are crisp; 17 (call 4) and 13 (call 5) are not
+    assert soft.slices == [13, 14, 15, 16, 17]
+    assert soft.mask.any(axis=(1, 2)).nonzero()[0].tolist() == [14, 15, 16]
+    no_stop = Predictor(SoftAfterThree()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, min_stability_ratio=None)
+    assert np.array_equal(no_stop.mask, objects)
+    empty = Predictor(ThresholdModel()).predict_3d(volume, (0, 0, 40, 40, 0, 29), LIVER)
+    assert empty.slices == [14] and not empty.mask.any()
+
+
+@pytest.mark.parametrize(
+    ("volume", "box3d", "message"),
+    [
+        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10, 6, 9), r"box3d .*32 x 32 x 4.*z range entirely outside"),
+        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10, 3, 1), "inverted, need z0 <= z1"),
+        (np.zeros((4, 32, 32), np.uint8), (40, 0, 50, 10, 0, 3), r"box3d .*box \(40.0, 0.0, 50.0, 10.0\).*outside"),
+        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10), "6 finite numbers"),
+        (np.zeros((32, 32), np.uint8), (0, 0, 10, 10, 0, 1), r"volume must be \(Z, H, W\)"),
+        (np.zeros((4, 32, 32), np.float32), (0, 0, 10, 10, 0, 1), "uint8.*prepare_volume"),
+    ],
+)
+def test_bad_3d_inputs(volume, box3d, message):
+    with pytest.raises(ValueError, match=message):
+        Predictor(ThresholdModel()).predict_3d(volume, box3d, LIVER)
+
+
+# ----------------------------------------------------------------------------- real weights
+
+
+def test_lite_segments_a_ct_organ_in_a_portrait_slice(lite_model):
+    shape = (384, 256)
+    organ = disk(shape, (150, 110), 40) | disk(shape, (180, 120), 35)
+    image = prepare_intensity(ct_phantom(shape, organ), "CT", LIVER)
+    result = Predictor(lite_model).predict(image, bounding_box(organ, pad=4), LIVER)
+    assert dice(result.mask, organ) >= 0.9
+    assert result.chosen == 0 and result.score > 0.8  # LiteMedSAM's calibrated token
+
+
+def ellipsoid_volume():
+    """48 slices: a bright ellipsoid (slices 20..28) in a darker body, HU -> prepared uint8."""
+    depth, height, width = 48, 128, 160
+    z, y, x = np.ogrid[:depth, :height, :width]
+    organ = ((z - 24) / 4.5) ** 2 + ((y - 60) / 22) ** 2 + ((x - 85) / 28) ** 2 <= 1
+    body = ((y - 64) / 58) ** 2 + ((x - 80) / 74) ** 2 <= 1
+    hu = np.where(body, 0.0, -1000.0) + np.zeros((depth, 1, 1))
+    hu[organ] = 150.0
+    hu += np.random.default_rng(0).normal(0.0, 10.0, hu.shape)
+    return prepare_volume(hu, "CT", LIVER, channels=1), organ
+
+
+def test_lite_3d_propagation_on_an_ellipsoid(lite_model):
+    volume, organ = ellipsoid_volume()
+    slices = np.flatnonzero(organ.any(axis=(1, 2)))
+    x0, y0, x1, y1 = bounding_box(organ.any(axis=0), pad=3)
+    predictor = Predictor(lite_model)
+    result = predictor.predict_3d(volume, (x0, y0, x1, y1, slices[0] - 4, slices[-1] + 4), LIVER, key="ellipsoid")
+    assert dice(result.mask, organ) >= 0.9
+    assert result.middle_slice == 24
+    # the object ends at slices[0] / slices[-1]: beyond it nothing, and propagation stopped
+    assert not result.mask[: slices[0]].any() and not result.mask[slices[-1] + 1:].any()
+    assert slices[0] - 1 <= min(result.slices) and max(result.slices) <= slices[-1] + 1
+    assert np.nanmin(result.scores[result.mask.any(axis=(1, 2))]) > 0.8
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medsegx.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--modality", "PET"], r"unknown modality 'PET'; accepted .*CT.*MRI"),
+        (["--box", "300", "10", "320", "20"], r"box \(300.0, 10.0, 320.0, 20.0\).*W x H = 200 x 300"),
+        (["--box", "50", "10", "40", "20"], "inverted"),
+        (["--box3d", "0", "0", "5", "5", "0", "1"], r"2D image of shape \(300, 200\).*need a volume"),
+    ],
+)
+def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
+    image = tmp_path / "slice.npy"
+    np.save(image, np.zeros((300, 200), dtype=np.float32))
+    base = {"--image": str(image), "--modality": "CT", "--target": "liver", "--out": str(tmp_path / "m.npy")}
+    argv = ["predict"]
+    for flag, value in base.items():
+        if flag not in args:
+            argv += [flag, value]
+    if "--box" not in args and "--box3d" not in args:
+        argv += ["--box", "10", "10", "50", "50"]
+    assert cli_main(argv + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medsegx: error:") and "\n" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "m.npy").exists()
+
+
+def test_cli_missing_file_and_volume_without_slice(tmp_path, capsys):
+    missing = tmp_path / "nope.nii.gz"
+    assert cli_main(["predict", "--image", str(missing), "--box", "0", "0", "5", "5", "--modality", "CT",
+                     "--target", "liver", "--out", str(tmp_path / "m.npy")]) == 2
+    assert f"image not found: {missing}" in capsys.readouterr().err
+    volume = tmp_path / "vol.npy"
+    np.save(volume, np.zeros((5, 4, 4), dtype=np.float32))
+    assert cli_main(["predict", "--image", str(volume), "--box", "0", "0", "3", "3", "--modality", "CT",
+                     "--target", "liver", "--out", str(tmp_path / "m.npy"), "--slice", "7"]) == 2
+    assert "--slice 7 is outside the volume (valid 0..4)" in capsys.readouterr().err
+
+
+def test_cli_predict_npy_with_points(tmp_path):
+    shape = (384, 256)
+    organ = disk(shape, (150, 110), 40)
+    np.save(tmp_path / "slice.npy", ct_phantom(shape, organ).astype(np.float32))
+    x0, y0, x1, y1 = bounding_box(organ, pad=4)
+    done = run_cli("predict", "--image", str(tmp_path / "slice.npy"), "--box", *map(str, (x0, y0, x1, y1)),
+                   "--modality", "CT", "--target", "liver", "--points", "110", "150", "1",
+                   "--out", str(tmp_path / "mask.npy"), "--logits-out", str(tmp_path / "logits.npy"))
+    assert done.returncode == 0, done.stderr
+    mask = np.load(tmp_path / "mask.npy")
+    assert mask.shape == shape and mask.dtype == np.uint8 and dice(mask, organ) >= 0.9
+    logits = np.load(tmp_path / "logits.npy")
+    assert logits.shape == (3, 256, 256) and logits.dtype == np.float32
+    assert "CT > body > abdomen > liver > Liver" in done.stdout
+
+
+def test_cli_predict_nifti_box3d_keeps_ijk_orientation(tmp_path):
+    # [i, j, k] volume, i (x) = 96, j (y) = 128, 5 slices; the organ is elongated along j
+    i, j, k = np.ogrid[:96, :128, :5]
+    organ = ((i - 40) / 18.0) ** 2 + ((j - 70) / 30.0) ** 2 + ((k - 2) / 4.0) ** 2 <= 1
+    body = ((i - 48) / 44.0) ** 2 + ((j - 64) / 60.0) ** 2 <= 1
+    hu = (np.where(body, 0.0, -1000.0) + np.zeros((1, 1, 5))).astype(np.float32)
+    hu[organ] = 150.0
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), str(tmp_path / "ct.nii.gz"))
+    ii, jj, _ = np.nonzero(organ)
+    box3d = (ii.min() - 3, jj.min() - 3, ii.max() + 3, jj.max() + 3, 2, 3)  # x = i, y = j; 2 slices
+    done = run_cli("predict", "--image", str(tmp_path / "ct.nii.gz"), "--box3d", *map(str, box3d),
+                   "--modality", "CT", "--target", "liver", "--out", str(tmp_path / "mask.nii.gz"),
+                   "--logits-out", str(tmp_path / "logits.npy"))
+    assert done.returncode == 0, done.stderr
+    written = nib.load(str(tmp_path / "mask.nii.gz"))
+    mask = np.asarray(written.dataobj)
+    assert mask.shape == (96, 128, 5) and np.allclose(written.affine, affine)
+    assert dice(mask[:, :, 2:4], organ[:, :, 2:4]) >= 0.85
+    assert not mask[:, :, [0, 1, 4]].any()
+    assert np.load(tmp_path / "logits.npy").shape == (3, 256, 256)
+
+
+def test_cli_info_prints_counts(lite_model):
+    done = run_cli("info")
+    assert done.returncode == 0, done.stderr
+    total, trainable = count_parameters(lite_model)
+    assert "backbone: lite" in done.stdout
+    assert f"parameters: total {total:,}, trainable {trainable:,}" in done.stdout
+    assert "weights backbone:" in done.stdout and "taxonomy version:" in done.stdout
+
+
+def write_dicom_series(folder: Path, volume_hu: np.ndarray, order: list[int]) -> None:
+    """One CT file per slice, written in ``order`` (so file order != slice order)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    for index in order:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset = FileDataset(str(folder / f"f{index}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        dataset.Modality = "CT"
+        dataset.Rows, dataset.Columns = volume_hu.shape[1:]
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0.0, 0.0, -100.0 + 2.5 * index]  # slice index = position order
+        dataset.InstanceNumber = len(order) - index
+        dataset.RescaleSlope, dataset.RescaleIntercept = 2, -1024
+        dataset.BitsAllocated = dataset.BitsStored = 16
+        dataset.HighBit, dataset.PixelRepresentation, dataset.SamplesPerPixel = 15, 0, 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.PixelData = ((volume_hu[index] + 1024) / 2).astype(np.uint16).tobytes()
+        dataset.is_little_endian, dataset.is_implicit_VR = True, False  # pydicom 2.x encoding flags
+        dataset.save_as(str(folder / f"f{index}.dcm"), write_like_original=False)
+    (folder / "README.txt").write_text("not DICOM")
+
+
+def test_cli_loads_dicom_series_png_and_npy(tmp_path):
+    from PIL import Image
+
+    from medsegx.cli import load_image
+
+    volume_hu = np.stack([np.full((8, 6), 10.0 * z) for z in range(4)])
+    volume_hu[:, 0, 5] = -1000.0
+    write_dicom_series(tmp_path / "series", volume_hu, order=[2, 0, 3, 1])
+    loaded = load_image(tmp_path / "series", want_volume=True)
+    assert loaded.is_volume and loaded.dicom_modality == "CT"
+    assert np.array_equal(loaded.array, volume_hu)  # sorted along the normal, slope/intercept applied
+
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "frame.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    assert np.array_equal(load_image(tmp_path / "frame.png", False).array, rgb)
+    assert load_image(tmp_path / "grey.png", False).array.shape == (10, 12)
+    np.save(tmp_path / "three.npy", np.zeros((3, 10, 12)))
+    assert load_image(tmp_path / "three.npy", want_volume=True).is_volume
+    with pytest.raises(ValueError, match="unknown image format '.txt'"):
+        load_image(tmp_path / "series" / "README.txt", False)
