@@ -27,6 +27,7 @@ from lib.configs.settings import AppSettings
 logger = logging.getLogger(__name__)
 
 EMBEDDED_LITE_VERSION = "embedded-lite"
+_NOTHING = ("<no stamp>",)  # "no failed load"; distinct from None, the stamp of "no checkpoint file"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ModelStore:
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
         self._stamp: tuple | None = None
-        self._failed_stamp: tuple | None = None
+        self._failed_stamp: tuple | None = _NOTHING
 
     def newest_checkpoint(self) -> Path | None:
         """The last existing file of ``settings.checkpoint_paths``."""
@@ -101,7 +102,7 @@ class ModelStore:
         elif stamp not in (self._stamp, self._failed_stamp):
             try:
                 self._loaded = self._reload(checkpoint)
-                self._stamp, self._failed_stamp = stamp, None
+                self._stamp, self._failed_stamp = stamp, _NOTHING
             except (CheckpointError, OSError, RuntimeError) as err:
                 logger.error("keeping model %s: cannot load %s: %s", self._loaded.version, checkpoint, err)
                 self._failed_stamp = stamp
