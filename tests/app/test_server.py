@@ -207,6 +207,21 @@ def test_png_picture(client, sample_data):
     assert dice(predicted > 0, truth == CT_LABELS["liver"]) >= DICE_MIN
 
 
+def test_uploaded_jpeg_picture(client, sample_data, tmp_path):
+    """An image sent with the request (``file``), not from the datastore; JPEG in, PNG label out."""
+    jpeg = tmp_path / "ct_slice.jpg"
+    Image.open(sample_data["images"]["ct_slice_2d"]).convert("RGB").save(jpeg, quality=95)
+    truth = np.asarray(Image.open(sample_data["labels"]["ct_slice_2d"])) == CT_LABELS["liver"]
+    x, y = np.nonzero(truth.T)
+    params = {"label": "liver", "roi": [int(x.min()), int(y.min()), int(x.max()), int(y.max())], "modality": "CT"}
+    result_file, result = client.infer(MODEL, "", params, file=str(jpeg))
+
+    assert result_file.endswith(".png")
+    predicted = np.asarray(Image.open(result_file))
+    assert predicted.shape == truth.shape
+    assert dice(predicted > 0, truth) >= DICE_MIN
+
+
 def test_new_label_name_is_appended(client, ct_phantom):
     image, label = ct_phantom
     x0, y0, x1, y1, z0, z1 = bounding_roi(label == CT_LABELS["aorta"])
