@@ -51,6 +51,7 @@ def test_picture_ignores_z():
         ({"roi": [0, 0, 10, 10], "slice": 48}, "slice 48 is outside"),
         ({"roi": [0, 0, 10, 10], "slice": "top"}, "slice must be an integer"),
         ({"roi": [0, 0, 10, 10, 1, 1], "foreground": [[1]]}, "must be [x, y] or [x, y, z]"),
+        ({"roi": [0, 0, 10, 10, 1, 1], "background": [[5, 170]]}, "background point [5, 170] is outside the image"),
     ],
 )
 def test_bad_prompt_is_422(params, message):

@@ -246,9 +246,11 @@ def test_new_label_name_is_appended(client, ct_phantom):
         ("ct_phantom", {"roi": [10, 10, 50, 50, 5, 5]}, 422, "label is required"),
         ("ct_phantom", {"label": "liver"}, 422, "roi is required"),
         ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50, 5, 5], "modality": "XYZ"}, 422, "modality"),
+        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50, 5, 5], "foreground": [[400, 10]]}, 422,
+         "outside the image"),
     ],
     ids=["box-outside-xy", "box-outside-z", "unknown-image", "short-roi", "text-roi", "4-roi-on-volume",
-         "missing-label", "missing-roi", "unknown-modality"],
+         "missing-label", "missing-roi", "unknown-modality", "click-outside"],
 )
 def test_bad_request_is_4xx_and_server_keeps_serving(server, client, image_id, params, status, message):
     got_status, detail = http_error(lambda: client.infer(MODEL, image_id, params))

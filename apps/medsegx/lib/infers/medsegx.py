@@ -127,17 +127,19 @@ class MedSegXInfer(BasicInferTask):
         except ValueError as err:
             raise RequestError(str(err)) from None
         context = resolve(label_name, modality.modality)
-        label_value, label_added = self.label_map.value_of(label_name)
 
         with self.store.use() as loaded:
-            if picture:
-                prediction, mask_xy, model_json = self._predict_picture(loaded.predictor, array, prompt, context, image_path)
-                label_xyz = mask_xy
-            else:
-                prediction, mask_zhw, model_json = self._predict_volume(
-                    loaded.predictor, array, prompt, context, modality.modality, image_path
-                )
-                label_xyz = mask_zhw_to_xyz(mask_zhw)
+            try:
+                if picture:
+                    _, label_xyz, model_json = self._predict_picture(loaded.predictor, array, prompt, context, image_path)
+                else:
+                    _, mask_zhw, model_json = self._predict_volume(
+                        loaded.predictor, array, prompt, context, modality.modality, image_path
+                    )
+                    label_xyz = mask_zhw_to_xyz(mask_zhw)
+            except ValueError as err:  # the predictor validates prompts (e.g. a click outside the image)
+                raise RequestError(str(err)) from None
+        label_value, label_added = self.label_map.value_of(label_name)  # a failed request adds no name
 
         dtype = np.uint8 if label_value <= np.iinfo(np.uint8).max else np.uint16
         label = np.zeros(spatial_shape, dtype=dtype)

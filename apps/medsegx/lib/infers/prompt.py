@@ -81,7 +81,7 @@ def _clipped_pair(low: float, high: float, size: int, axis: str, roi: list[float
     return max(low, 0), min(high, size - 1)
 
 
-def _points(value: Any, name: str, slice_index: int | None) -> tuple[tuple[float, float], ...]:
+def _points(value: Any, name: str, slice_index: int | None, size_xy: tuple[int, int]) -> tuple[tuple[float, float], ...]:
     if value in (None, "", []):
         return ()
     if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
@@ -93,6 +93,8 @@ def _points(value: Any, name: str, slice_index: int | None) -> tuple[tuple[float
             raise RequestError(f"{name} point {point!r} must be [x, y] or [x, y, z]")
         if len(coords) == 3 and slice_index is not None and round(coords[2]) != slice_index:
             continue  # a click on another slice does not prompt this one
+        if not (0 <= coords[0] <= size_xy[0] - 1 and 0 <= coords[1] <= size_xy[1] - 1):
+            raise RequestError(f"{name} point {point!r} is outside the image (x 0..{size_xy[0] - 1}, y 0..{size_xy[1] - 1})")
         points.append((coords[0], coords[1]))
     return tuple(points)
 
@@ -142,8 +144,8 @@ def parse_prompt(params: dict[str, Any], spatial_shape: Sequence[int]) -> Prompt
         box_xyxy=(x0, y0, x1, y1),
         z_range=z_range,
         is_3d=is_3d,
-        foreground=_points(params.get("foreground"), "foreground", slice_for_points),
-        background=_points(params.get("background"), "background", slice_for_points),
+        foreground=_points(params.get("foreground"), "foreground", slice_for_points, (size_x, size_y)),
+        background=_points(params.get("background"), "background", slice_for_points, (size_x, size_y)),
     )
 
 
