@@ -1,0 +1,272 @@
+"""medsegx.finetune: label names, slice samples, box jitter, train/val steps, uncertainty, publishing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medsegx.build import build_model
+from medsegx.checkpoint import load_checkpoint
+from medsegx.finetune import (
+    StructureBalancedSampler,
+    build_optimizer,
+    evenly_spaced,
+    item_from_arrays,
+    jitter_box,
+    mask_box,
+    mask_uncertainty,
+    parse_label_names,
+    previous_checkpoint_path,
+    publish_checkpoint,
+    read_label_sidecar,
+    set_finetune_mode,
+    structure_slices,
+    train_step,
+    val_step,
+)
+from medsegx.metrics import dice
+from medsegx.taxonomy import resolve
+from medsegx.transforms import box_to_model, mask_from_model, resize_info, to_model_input
+
+LIVER_CT = resolve("liver", "CT").indices
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("tiny_vit", pretrained=False)
+
+
+def _slice(height=40, width=60, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=bool)
+    mask[10:20, 15:40] = True
+    return image, mask
+
+
+# ----------------------------------------------------------------------------- label names
+
+
+@pytest.mark.parametrize("value", [
+    {"liver": 1, "spleen": 2},
+    {"1": "liver", "2": "spleen"},
+    [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}],
+    {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "value": 2}]},
+    {"label_names": {"liver": 1, "spleen": 2}, "ts": 123},
+    {"liver": 1, "spleen": 2, "background": 0, "modality": "CT"},
+])
+def test_parse_label_names_spellings(value):
+    assert parse_label_names(value) == {1: "liver", 2: "spleen"}
+
+
+def test_parse_label_names_ignores_junk():
+    assert parse_label_names({"ts": 17, "name": "x.nii.gz"}) == {17: "ts"}  # a plain name->value map
+    assert parse_label_names([{"name": "liver"}, {"idx": 2}, "liver"]) == {}
+    assert parse_label_names(None) == {}
+
+
+def test_read_label_sidecar_first_existing(tmp_path):
+    broken = tmp_path / "a_labels.json"
+    broken.write_text("{not json")
+    good = tmp_path / "b_labels.json"
+    good.write_text(json.dumps({"liver": 1, "modality": "CT"}))
+    names, modality, path = read_label_sidecar([tmp_path / "missing.json", broken, good])
+    assert (names, modality, path) == ({1: "liver"}, "CT", good)
+    assert read_label_sidecar([tmp_path / "missing.json"]) == ({}, None, None)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def test_structure_slices_split_per_value_with_min_pixels():
+    labels = np.zeros((4, 10, 10), dtype=np.float32)  # LoadImage returns float labels
+    labels[0, :4, :4] = 1  # 16 px
+    labels[1, :2, :2] = 1  # 4 px: too small
+    labels[2, 5:, 5:] = 2
+    labels[3, 0, 0] = 3  # only tiny slices
+    found = structure_slices(labels, min_pixels=10)
+    assert sorted(found) == [1, 2, 3]
+    assert found[1].tolist() == [0]
+    assert found[2].tolist() == [2]
+    assert found[3].tolist() == []
+    assert structure_slices(np.zeros((2, 5, 5))) == {}
+
+
+def test_structure_slices_rejects_non_label_arrays():
+    with pytest.raises(ValueError, match="non-integer"):
+        structure_slices(np.full((1, 4, 4), 0.5))
+    with pytest.raises(ValueError, match="negative"):
+        structure_slices(np.full((1, 4, 4), -1))
+    with pytest.raises(ValueError, match="Z, H, W"):
+        structure_slices(np.zeros((4, 4)))
+
+
+def test_evenly_spaced_keeps_ends():
+    assert evenly_spaced(range(10), 3) == [0, 4, 9]
+    assert evenly_spaced([3, 4], 5) == [3, 4]
+    assert evenly_spaced(range(9), 1) == [4]
+
+
+def test_item_uses_the_predictor_transform(tiny_model):
+    image, mask = _slice()
+    item = item_from_arrays(image, mask, LIVER_CT, tiny_model.normalize)
+    expected, info = to_model_input(np.repeat(image[..., None], 3, axis=-1), tiny_model.normalize)
+    assert torch.equal(item["image"], expected[0])
+    assert item["label"].shape == (1, 256, 256)
+    assert item["valid_hw"].tolist() == list(info.resized_size)
+    assert item["context"].tolist() == list(LIVER_CT)
+    # exact box: the mask's inclusive pixel box mapped as the predictor maps a user's box
+    assert mask_box(mask) == (15, 10, 39, 19)
+    assert torch.allclose(item["box"], torch.from_numpy(box_to_model((15, 10, 39, 19), info)))
+    # the model-frame label maps back onto the original mask
+    back = mask_from_model(item["label"][0] * 20 - 10, info)
+    assert dice(back, mask) > 0.95
+
+
+def test_item_rejects_empty_mask(tiny_model):
+    image, _ = _slice()
+    with pytest.raises(ValueError, match="empty"):
+        item_from_arrays(image, np.zeros_like(image, dtype=bool), LIVER_CT, tiny_model.normalize)
+
+
+def test_jitter_box_pushes_out_0_to_19_px_and_clips():
+    box = torch.tensor([50.0, 60.0, 100.0, 120.0])
+    generator = torch.Generator().manual_seed(0)
+    deltas = []
+    for _ in range(300):
+        jittered = jitter_box(box, (256, 200), generator=generator)
+        deltas.append((box - jittered) * torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    deltas = torch.stack(deltas)
+    assert deltas.min() == 0 and deltas.max() == 19
+    near_edge = jitter_box(torch.tensor([2.0, 2.0, 195.0, 250.0]), (256, 200), generator=generator)
+    assert near_edge.min() >= 0 and near_edge[2] <= 199 and near_edge[3] <= 255
+    assert torch.equal(jitter_box(box, (256, 256), max_shift=0), box)
+
+
+def test_sampler_caps_each_structure_and_redraws_per_epoch():
+    structures = ["a"] * 10 + ["b"] * 3 + ["c"] * 1
+    sampler = StructureBalancedSampler(structures, max_per_structure=4, seed=1)
+    assert len(sampler) == 4 + 3 + 1
+    epochs = [list(sampler) for _ in range(3)]
+    for drawn in epochs:
+        counts = {key: sum(structures[i] == key for i in drawn) for key in "abc"}
+        assert counts == {"a": 4, "b": 3, "c": 1}
+        assert len(set(drawn)) == len(drawn)
+    assert len({tuple(sorted(d)) for d in epochs}) > 1  # a new subset of "a" each epoch
+    fixed = StructureBalancedSampler(structures, max_per_structure=2, shuffle=False)
+    assert list(fixed) == list(fixed) == [0, 9, 10, 12, 13]
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _batch(model, seed=0):
+    image, mask = _slice(seed=seed)
+    item = item_from_arrays(image, mask, LIVER_CT, model.normalize)
+    return {key: value[None] for key, value in item.items()}
+
+
+def test_finetune_mode_trains_only_what_is_trained(tiny_model):
+    set_finetune_mode(tiny_model)
+    assert tiny_model.mask_decoder.training
+    assert not tiny_model.image_encoder.training and not tiny_model.prompt_encoder.training
+    assert all(block.training and not block.mlp.training for block in tiny_model.conmoae_blocks)
+
+
+def test_train_step_moves_adapters_embeddings_and_decoder_only():
+    torch.manual_seed(0)
+    model = build_model("tiny_vit", pretrained=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, _ in model.named_trainable_parameters()}
+    optimizer = build_optimizer(model, lr=1e-3)
+    batch = _batch(model)
+    outputs = [train_step(model, batch, optimizer) for _ in range(2)]
+    for output in outputs:
+        assert math.isfinite(output["loss"].item())
+        assert output["pred"].shape == (1, 1, 256, 256) and 0 <= int(output["mask_index"]) <= 2
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed <= trainable
+    assert any(".adapter_up." in name for name in changed)  # gradients reach the adapters through the encoder
+    assert any(name.startswith("mask_decoder.") for name in changed)
+    # the second step reaches the context embedding row of the sample's modality, not the others
+    modality_rows = model.image_encoder.modal_embed.weight - before["image_encoder.modal_embed.weight"]
+    assert modality_rows[LIVER_CT[0]].abs().sum() > 0
+    assert modality_rows[[i for i in range(modality_rows.shape[0]) if i != LIVER_CT[0]]].abs().sum() == 0
+
+
+def test_val_step_reports_the_iou_chosen_mask(tiny_model):
+    batch = _batch(tiny_model, seed=1)
+    output = val_step(tiny_model, batch)
+    logits, iou, _ = tiny_model.eval()(batch["image"], batch["box"], batch["context"])
+    chosen = int(iou.argmax())
+    assert int(output["chosen"]) == chosen
+    expected = dice((logits[0, chosen] > 0).numpy(), batch["label"][0, 0].numpy() > 0.5)
+    assert float(output["dice"]) == pytest.approx(expected, abs=1e-5)
+    assert float(output["dice_oracle"]) >= float(output["dice"]) - 1e-6
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def test_mask_uncertainty_is_disagreement():
+    agree = torch.full((3, 8, 8), 0.5)
+    assert mask_uncertainty(agree) == pytest.approx(0.0, abs=1e-6)  # unsure, but all alike
+    split = torch.stack([torch.ones(8, 8), torch.zeros(8, 8)])
+    assert mask_uncertainty(split) == pytest.approx(math.log(2), rel=1e-3)
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:2] = True
+    half = torch.stack([torch.ones(8, 8), torch.ones(8, 8)])
+    half[1, :4] = 0  # members disagree on the top half only
+    assert mask_uncertainty(half, region) == pytest.approx(math.log(2), rel=1e-3)
+    assert mask_uncertainty(half) == pytest.approx(math.log(2) / 2, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- publishing
+
+
+def test_publish_keeps_previous_and_loads(tmp_path, tiny_model):
+    path = tmp_path / "model" / "medsegx.pth"
+    first = publish_checkpoint(tiny_model, path, {"val_dice": 0.5})
+    assert not previous_checkpoint_path(path).exists()
+    with torch.no_grad():
+        tiny_model.mask_decoder.iou_token.weight.add_(1.0)
+    second = publish_checkpoint(tiny_model, path, {"val_dice": 0.6})
+    assert previous_checkpoint_path(path) == tmp_path / "model" / "medsegx.prev.pth"
+    fresh = build_model("tiny_vit", pretrained=False)
+    assert load_checkpoint(fresh, previous_checkpoint_path(path))["model_version"] == first["model_version"]
+    meta = load_checkpoint(fresh, path)
+    assert meta["model_version"] == second["model_version"] != first["model_version"]
+    assert meta["val_dice"] == 0.6
+    assert torch.equal(fresh.mask_decoder.iou_token.weight, tiny_model.mask_decoder.iou_token.weight)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(raw) == {"model", "optimizer", "epoch", "metadata"}  # official layout + metadata
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_failed_publish_leaves_served_file(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "medsegx.pth"
+    publish_checkpoint(tiny_model, path)
+    served = path.read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        publish_checkpoint(tiny_model, path)
+    assert path.read_bytes() == served
+    assert previous_checkpoint_path(path).read_bytes() == served
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resize_info_matches_item(tiny_model):
+    image, mask = _slice(height=300, width=120)
+    item = item_from_arrays(image, mask, LIVER_CT, tiny_model.normalize)
+    info = resize_info(300, 120)
+    assert item["valid_hw"].tolist() == list(info.resized_size)
+    assert item["label"][0, :, info.resized_size[1]:].sum() == 0  # padding stays background
