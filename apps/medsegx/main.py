@@ -18,6 +18,7 @@ import medsegx
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
@@ -59,7 +60,16 @@ class MedSegXApp(MONAILabelApp):
         return {name: trainer for name, trainer in trainers.items() if trainer is not None}
 
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        for task_config in self.models.values():
+            strategies.update(task_config.strategy() or {})
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        methods: dict[str, ScoringMethod] = {}
+        for task_config in self.models.values():
+            methods.update(task_config.scoring_method() or {})
+        return methods
 
     def _download_dcmqi_tools(self):
         compat.ensure_dcmqi_on_path()  # MONAI Label would download dcmqi from GitHub

@@ -9,12 +9,17 @@ from typing import Any
 from medsegx.checkpoint import CheckpointError
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.activelearning.uncertainty import Uncertainty
 from lib.configs.settings import AppConfigError, AppSettings
 from lib.infers.medsegx import MedSegXInfer
 from lib.labels import LabelMap
 from lib.model_store import ModelStore
+from lib.scoring.medsegx_uncertainty import SCORE_KEY, MedSegXUncertaintyScoring
+from lib.trainers.medsegx import MedSegXTrain
 
 logger = logging.getLogger(__name__)
 
@@ -50,4 +55,10 @@ class MedSegX(TaskConfig):
         return MedSegXInfer(self.store, self.label_map, self.settings)
 
     def trainer(self) -> TrainTask | None:
-        return None  # in-loop fine-tuning comes with the train task (publishes model/medsegx.pth)
+        return MedSegXTrain(self.store, self.label_map.labels)  # publishes model/medsegx.pth
+
+    def strategy(self) -> dict[str, Strategy]:
+        return {"uncertainty": Uncertainty()}
+
+    def scoring_method(self) -> dict[str, ScoringMethod]:
+        return {SCORE_KEY: MedSegXUncertaintyScoring(self.store, self.label_map.labels)}

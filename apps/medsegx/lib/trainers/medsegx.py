@@ -1,0 +1,490 @@
+"""The ``medsegx`` train task: in-loop fine-tuning on the datastore's final labels.
+
+Built on MONAI Label's ``BasicTrainTask`` (MONAI's ignite ``SupervisedTrainer`` /
+``SupervisedEvaluator``, its stats file, ``ValidationHandler``, early stopping, MLflow and
+TensorBoard handlers). What differs from a MONAI Label sample app:
+
+- **Data**: ``lib/trainers/samples.py`` turns every labelled image into per-structure 2D
+  slices (a multi-label file is split per structure), prepared exactly as the infer task
+  prepares them; validation uses held-out *volumes* (``val_split``), or every 5th slice of
+  each structure when only one volume is labelled. Each epoch draws at most
+  ``slices_per_structure`` slices per structure, so an epoch's cost is bounded.
+- **Step**: ``medsegx.finetune.train_step`` / ``val_step`` as the engines' iteration
+  functions: box pushed out by 0..19 px per side, Dice + BCE taken as the minimum over the
+  three masks, only adapters / gates / context embeddings / mask decoder trained (the
+  encoder runs forward, frozen). Validation Dice is that of the mask the infer task would
+  return (chosen by predicted IoU); the oracle Dice is logged beside it.
+- **Publishing**: nothing is written while training runs. When the run completes (max
+  epochs or early stop) the best-validating weights are published to ``model/medsegx.pth``
+  with ``medsegx.finetune.publish_checkpoint`` (official MedSegX layout + metadata,
+  temporary file then rename; the replaced file is kept as ``model/medsegx.prev.pth``),
+  provided they beat the served model's validation Dice measured before the first epoch
+  (``publish: "improved"``, default) or always (``"always"``). A run that fails or is
+  stopped publishes nothing. The infer task's model store sees the new file on its next
+  request.
+- **CPU**: in the background process MONAI Label starts for training, torch uses
+  ``num_threads`` threads (default 1) and the process lowers its priority (``nice``), so
+  inference in the server stays responsive. On a GPU (``--conf device cuda``) the same code
+  runs there, with bfloat16 autocast (``amp``).
+
+Status: ``GET /train/`` shows the run's state and its last log lines (one summary line per
+epoch: loss, validation Dice, best); ``/info`` ``train_stats`` holds the metrics and the
+``medsegx`` block (baseline Dice, what was published, the training set, skipped files).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from ignite.metrics import Average
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import MeanDice, from_engine
+from monai.inferers import SimpleInferer
+
+from medsegx.finetune import (
+    FINETUNE_LR,
+    FINETUNE_WEIGHT_DECAY,
+    StructureBalancedSampler,
+    build_optimizer,
+    finite_or_none,
+    publish_checkpoint,
+    train_step,
+    val_step,
+)
+from medsegx.losses import DiceBCEMinLoss
+from monailabel.tasks.train.basic_train import BasicTrainTask, Context
+
+from lib.configs.settings import PUBLISHED_FILE
+from lib.model_store import ModelStore
+from lib.trainers.samples import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
+from lib.trainers.transforms import RandJitterBoxd, ToModelInputd
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_POLICIES = ("improved", "always")
+#: Module run by MONAI Label for background train / scoring tasks (``async_tasks/utils.py``).
+_BACKGROUND_MAIN = "monailabel.interfaces.utils.app"
+
+
+def in_background_process() -> bool:
+    """True inside the subprocess MONAI Label starts for ``POST /train`` (not in the server)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return spec is not None and spec.name == _BACKGROUND_MAIN
+
+
+def limit_background_cpu(num_threads: int, nice: int) -> None:
+    """Bound a background task's CPU use: torch threads, and a lower scheduling priority.
+
+    Only in MONAI Label's background process: in the server process it would slow inference.
+    """
+    if not in_background_process():
+        return
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if nice > 0 and hasattr(os, "nice"):
+        try:
+            os.nice(nice)
+        except OSError as err:
+            logger.debug("cannot lower the priority: %s", err)
+    logger.info("background task: %d torch thread(s), nice +%d", torch.get_num_threads(), nice)
+
+
+def _decollate(output: dict[str, torch.Tensor], keys: tuple[str, ...], shared: tuple[str, ...] = ()) -> list[dict]:
+    """Batch dict -> list of per-sample dicts (MONAI's layout for ``from_engine``)."""
+    batch = output["pred"].shape[0]
+    return [{**{key: output[key][i] for key in keys}, **{key: output[key] for key in shared}} for i in range(batch)]
+
+
+class MedSegXTrain(BasicTrainTask):
+    """Fine-tune ConMoAE-SAM on the datastore's final labels and publish ``model/medsegx.pth``.
+
+    Args:
+        store: the process's model store (``lib/model_store.py``): training starts from a copy
+            of the model it serves; its settings give the device and the model folder.
+        app_labels: the app's label map (name -> value), the last source of label names.
+        description: shown in ``/info``.
+        config: overrides of the request defaults below.
+
+    Request keys (``POST /train/medsegx`` JSON body; defaults in ``/info``):
+        images: labelled image ids to train on (default: all); val_images: the ids held out
+        for validation (default: ``val_split`` of them, at random); max_epochs,
+        early_stop_patience, train_batch_size, val_batch_size, lr, weight_decay,
+        slices_per_structure (drawn per epoch), val_slices_per_structure,
+        max_slices_per_structure and max_cached_slices (candidate slices kept in memory, per
+        structure and in all), min_pixels, box_jitter, num_threads, nice, publish
+        ("improved" | "always"), seed, amp, tracking ("mlflow" | "None"), tracking_uri.
+    """
+
+    def __init__(self, store: ModelStore, app_labels: dict[str, int] | None = None,
+                 description: str = "Fine-tune MedSegX (adapters, gates, context embeddings, mask decoder) "
+                                    "on the final labels", config: dict[str, Any] | None = None):
+        self.store = store
+        settings = store.settings
+        self.app_labels = app_labels if app_labels is not None else {}
+        self.publish_path = settings.model_dir / PUBLISHED_FILE
+        gpu = settings.device.startswith("cuda")
+        defaults = {
+            "name": "train_01",
+            "device": settings.device,
+            "multi_gpu": False,
+            "max_epochs": 5,
+            "early_stop_patience": 2,
+            "val_split": 0.2,
+            "train_batch_size": 4 if gpu else 1,
+            "val_batch_size": 4 if gpu else 1,
+            "lr": FINETUNE_LR,
+            "weight_decay": FINETUNE_WEIGHT_DECAY,
+            "slices_per_structure": 16 if gpu else 4,
+            "val_slices_per_structure": 8 if gpu else 2,
+            "max_slices_per_structure": 64,
+            "max_cached_slices": 4096,
+            "min_pixels": 10,
+            "box_jitter": 20,
+            "num_threads": 1,
+            "nice": 10,
+            "publish": "improved",
+            "seed": 0,
+            "amp": True,
+            "dataset": "Dataset",
+            "dataloader": "DataLoader",
+        }
+        defaults.update(config or {})
+        super().__init__(
+            model_dir=str(settings.model_dir / "medsegx"),
+            description=description,
+            config=defaults,
+            amp=False,  # the iteration functions handle autocast themselves (bfloat16 on CUDA)
+            load_path=None,
+            publish_path=None,  # published by FineTuneMonitor, atomically, in the MedSegX layout
+            tracking_uri=settings.tracking_uri or None,
+        )
+        self._config["tracking_uri"] = ""  # resolved per run from the app's settings (compat.py)
+        self._result: dict[str, Any] = {}  # what the last run published (FineTuneMonitor)
+
+    # -- entry ------------------------------------------------------------------------------
+    def __call__(self, request, datastore):
+        limit_background_cpu(int(request.get("num_threads", self._config["num_threads"])),
+                             int(request.get("nice", self._config["nice"])))
+        publish = request.get("publish", self._config["publish"])
+        if publish not in PUBLISH_POLICIES:
+            raise ValueError(f"train request publish={publish!r} is not one of {', '.join(PUBLISH_POLICIES)}")
+        if not request.get("tracking_uri"):
+            request = {**request, "tracking_uri": self._tracking_uri or _monailabel_tracking_uri()}
+        return super().__call__(request, datastore)
+
+    def pre_process(self, request, datastore):
+        """The labelled volumes (one entry each; ``images`` restricts them); slices come after the split."""
+        volumes = labelled_volumes(datastore)
+        wanted = request.get("images")
+        if wanted:
+            wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+            missing = sorted(set(wanted) - {v["image_id"] for v in volumes})
+            if missing:
+                logger.warning("medsegx train: images without a final label ignored: %s", ", ".join(missing))
+            volumes = [v for v in volumes if v["image_id"] in set(wanted)]
+        logger.info("medsegx train: %d labelled image(s): %s", len(volumes), ", ".join(v["image_id"] for v in volumes))
+        return volumes
+
+    def partition_datalist(self, context: Context, shuffle=False):
+        """Held-out volumes for validation (``val_images``, else ``val_split``); the slice samples of both sides."""
+        request = context.request
+        val_ids = request.get("val_images")
+        if val_ids:
+            val_ids = {val_ids} if isinstance(val_ids, str) else set(val_ids)
+            train_volumes = [v for v in context.datalist if v["image_id"] not in val_ids]
+            val_volumes = [v for v in context.datalist if v["image_id"] in val_ids]
+        else:
+            train_volumes, val_volumes = split_volumes(context.datalist, float(request.get("val_split", 0.2)),
+                                                       int(request.get("seed", 0)))
+        per_volume = int(request.get("max_cached_slices", 4096)) // max(1, len(context.datalist))
+        builder = SliceSetBuilder(self.app_labels, int(request.get("min_pixels", 10)),
+                                  int(request.get("max_slices_per_structure", 64)), max(8, per_volume))
+        report = BuildReport()
+        train_samples, _ = builder.build(train_volumes, report)
+        val_samples, _ = builder.build(val_volumes, report)
+        if not val_samples and float(request.get("val_split", 0.2)) > 0:
+            train_samples, val_samples = hold_out_slices(train_samples)
+            if val_samples:
+                logger.warning("medsegx train: no held-out volume to validate on; validating on every 5th slice of "
+                               "each structure instead (%d slices)", len(val_samples))
+        if not train_samples:
+            raise ValueError("medsegx train: no usable training slice in the datastore's final labels"
+                             + (f" (skipped: {'; '.join(report.skipped)})" if report.skipped else ""))
+        context.build_report = report
+        logger.info("medsegx train: %d training slice(s) from %s; %d validation slice(s) from %s",
+                    len(train_samples), sorted({s.volume_id for s in train_samples}),
+                    len(val_samples), sorted({s.volume_id for s in val_samples}))
+        as_dicts = [dict(vars(sample)) for sample in train_samples], [dict(vars(sample)) for sample in val_samples]
+        return as_dicts
+
+    # -- model ------------------------------------------------------------------------------
+    def network(self, context: Context):
+        """A copy of the served model (the newest checkpoint, as the infer task loads it)."""
+        with self.store.use() as loaded:
+            model = copy.deepcopy(loaded.predictor.model)
+            context.parent_version = loaded.version
+            checkpoint = loaded.checkpoint
+        logger.info("medsegx train: starting from %s (%s)", context.parent_version, checkpoint or "backbone weights")
+        return model
+
+    def optimizer(self, context: Context):
+        return build_optimizer(context.network, float(context.request.get("lr", FINETUNE_LR)),
+                               float(context.request.get("weight_decay", FINETUNE_WEIGHT_DECAY)))
+
+    def loss_function(self, context: Context):
+        return DiceBCEMinLoss()
+
+    def lr_scheduler_handler(self, context: Context):
+        return None  # constant learning rate (paper fine-tuning recipe)
+
+    def load_path(self, output_dir, pretrained=True):
+        return None  # the network starts from the served checkpoint (``network``), not a MONAI snapshot
+
+    # -- data -------------------------------------------------------------------------------
+    def train_pre_transforms(self, context: Context):
+        return [ToModelInputd(context.network.normalize, context.device),
+                RandJitterBoxd(int(context.request.get("box_jitter", 20)))]
+
+    def val_pre_transforms(self, context: Context):
+        return [ToModelInputd(context.network.normalize, context.device)]
+
+    def train_post_transforms(self, context: Context):
+        return None
+
+    def val_post_transforms(self, context: Context):
+        return None
+
+    def val_inferer(self, context: Context):
+        return SimpleInferer()  # unused: val_iteration_update runs the model
+
+    def _loader(self, context: Context, datalist, transforms, batch_size: int, per_structure: int, shuffle: bool):
+        dataset = Dataset(datalist, self._validate_transforms(transforms))
+        sampler = StructureBalancedSampler([item["structure"] for item in datalist], per_structure,
+                                           seed=int(context.request.get("seed", 0)), shuffle=shuffle)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
+
+    def train_data_loader(self, context: Context, num_workers=0, shuffle=True):
+        loader = self._loader(context, context.train_datalist, self.train_pre_transforms(context),
+                              context.train_batch_size, int(context.request.get("slices_per_structure", 4)), True)
+        logger.info("medsegx train: %d slice(s) per epoch", len(loader.sampler))
+        return loader
+
+    def val_data_loader(self, context: Context, num_workers=0):
+        loader = self._loader(context, context.val_datalist, self.val_pre_transforms(context),
+                              context.val_batch_size, int(context.request.get("val_slices_per_structure", 2)), False)
+        context.val_loader = loader
+        logger.info("medsegx train: %d validation slice(s)", len(loader.sampler))
+        return loader
+
+    # -- steps and metrics ------------------------------------------------------------------
+    def train_iteration_update(self, context: Context):
+        amp = bool(context.request.get("amp", True))
+
+        def iteration(engine, batchdata):
+            output = train_step(engine.network, batchdata, engine.optimizer, engine.loss_function, context.device, amp)
+            return _decollate(output, ("pred", "label"), shared=("loss",))
+
+        return iteration
+
+    def val_iteration_update(self, context: Context):
+        amp = bool(context.request.get("amp", True))
+
+        def iteration(engine, batchdata):
+            output = val_step(engine.network, batchdata, context.device, amp)
+            return _decollate(output, ("pred", "label", "dice", "dice_oracle"))
+
+        return iteration
+
+    def train_key_metric(self, context: Context):
+        return {self.TRAIN_METRIC_MEAN_DICE: MeanDice(include_background=True,
+                                                      output_transform=from_engine(["pred", "label"]))}
+
+    def val_key_metric(self, context: Context):
+        return {self.VAL_METRIC_MEAN_DICE: MeanDice(include_background=True,
+                                                    output_transform=from_engine(["pred", "label"]))}
+
+    def val_additional_metrics(self, context: Context):
+        # mean of the batch's oracle Dice (the best of the three masks), averaged over batches
+        return {"val_dice_oracle": Average(
+            output_transform=lambda output: float(torch.stack([o["dice_oracle"] for o in output]).mean()))}
+
+    # -- engines (as BasicTrainTask's, without its full-network CheckpointSavers) ----------
+    def _create_evaluator(self, context: Context):
+        if not context.val_datalist:
+            return None
+        return SupervisedEvaluator(
+            device=context.device,
+            val_data_loader=self.val_data_loader(context),
+            network=context.network,
+            inferer=self.val_inferer(context),
+            key_val_metric=self.val_key_metric(context),
+            additional_metrics=self.val_additional_metrics(context),
+            val_handlers=self.val_handlers(context),
+            iteration_update=self.val_iteration_update(context),
+            decollate=False,
+        )
+
+    def _create_trainer(self, context: Context):
+        return SupervisedTrainer(
+            device=context.device,
+            max_epochs=context.max_epochs,
+            train_data_loader=self.train_data_loader(context),
+            network=context.network,
+            optimizer=context.optimizer,
+            loss_function=self.loss_function(context),
+            inferer=SimpleInferer(),
+            key_train_metric=self.train_key_metric(context),
+            train_handlers=self.train_handlers(context),
+            iteration_update=self.train_iteration_update(context),
+            decollate=False,
+        )
+
+    def finalize(self, context: Context):
+        super().finalize(context)  # stats file + early stopping on the validation Dice
+        context.monitor = FineTuneMonitor(self, context)
+        context.monitor.attach()
+
+    def train(self, rank, world_size, request, datalist):
+        stats = super().train(rank, world_size, request, datalist)
+        stats["medsegx"] = self._result  # set by FineTuneMonitor on completion
+        if self._stats_path and os.path.exists(self._stats_path):
+            with open(self._stats_path) as handle:
+                saved = json.load(handle)
+            saved["medsegx"] = self._result
+            with open(self._stats_path, "w") as handle:
+                json.dump(saved, handle, indent=2)
+        return stats
+
+
+def _monailabel_tracking_uri() -> str:
+    from monailabel.config import settings
+
+    return settings.MONAI_LABEL_TRACKING_URI
+
+
+class FineTuneMonitor:
+    """Baseline validation, best-weights snapshot, per-epoch summary and the final publish.
+
+    Handlers:
+        trainer STARTED: validation Dice of the served weights (the baseline to beat).
+        trainer EPOCH_COMPLETED (after validation): keep a CPU copy of the trainable weights
+            when the validation Dice improved (every epoch when there is no validation);
+            log one summary line.
+        trainer COMPLETED (also after an early stop): publish per the ``publish`` policy.
+        trainer EXCEPTION_RAISED: log that the served model stays.
+    """
+
+    def __init__(self, task: MedSegXTrain, context: Context):
+        self.task = task
+        self.context = context
+        self.policy = context.request.get("publish", "improved")
+        self.baseline: float | None = None
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.snapshot: dict[str, torch.Tensor] | None = None
+        self.epoch_start = time.time()
+        self.task._result = {"published": False}
+
+    def attach(self) -> None:
+        trainer = self.context.trainer
+        trainer.add_event_handler(Events.STARTED, self.measure_baseline)
+        trainer.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
+        trainer.add_event_handler(Events.COMPLETED, self.complete)
+        trainer.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def measure_baseline(self, engine) -> None:
+        loader = getattr(self.context, "val_loader", None)
+        if loader is None or self.context.evaluator is None:
+            return
+        start = time.time()
+        amp = bool(self.context.request.get("amp", True))
+        scores = []
+        for batch in loader:
+            scores.extend(val_step(self.context.network, batch, self.context.device, amp)["dice"].tolist())
+        self.baseline = sum(scores) / len(scores) if scores else None
+        logger.info("medsegx train: served model %s: val Dice %.4f on %d slice(s) (%.1f s)",
+                    self.context.parent_version, self.baseline or float("nan"), len(scores), time.time() - start)
+
+    def start_epoch(self, engine) -> None:
+        self.epoch_start = time.time()
+
+    def end_epoch(self, engine) -> None:
+        evaluator = self.context.evaluator
+        val_dice = None
+        if evaluator is not None:
+            val_dice = finite_or_none(evaluator.state.metrics.get(self.task.VAL_METRIC_MEAN_DICE))
+            improved = val_dice is not None and (self.best is None or val_dice > self.best)
+        else:
+            improved = True
+        if improved:
+            self.best, self.best_epoch = val_dice, engine.state.epoch
+            self.snapshot = {key: value.detach().to("cpu", copy=True)
+                             for key, value in self.context.network.trainable_state_dict().items()}
+        loss = engine.state.output[0]["loss"].item() if engine.state.output else float("nan")
+        train_dice = finite_or_none(engine.state.metrics.get(self.task.TRAIN_METRIC_MEAN_DICE))
+        logger.info(
+            "medsegx train: epoch %d/%d loss %.4f train Dice %s val Dice %s (best %s @ epoch %d; served model %s) "
+            "%.1f s", engine.state.epoch, engine.state.max_epochs, loss, _fmt(train_dice), _fmt(val_dice),
+            _fmt(self.best), self.best_epoch, _fmt(self.baseline), time.time() - self.epoch_start)
+
+    def complete(self, engine) -> None:
+        context = self.context
+        result = {
+            "published": False,
+            "publish_policy": self.policy,
+            "parent_model_version": context.parent_version,
+            "baseline_val_dice": self.baseline,
+            "best_val_dice": self.best,
+            "best_epoch": self.best_epoch,
+            "epochs": engine.state.epoch,
+            "training_set": context.build_report.as_dict(),
+        }
+        beats_served = self.best is None or self.baseline is None or self.best > self.baseline
+        if self.snapshot is None:
+            result["reason"] = "no epoch completed"
+        elif self.policy == "improved" and not beats_served:
+            result["reason"] = (f"best val Dice {self.best:.4f} does not beat the served model's {self.baseline:.4f}; "
+                                "the served model stays (train with publish='always' to replace it anyway)")
+        else:
+            context.network.load_state_dict(self.snapshot, strict=False)
+            metadata = {
+                "parent_model_version": context.parent_version,
+                "trained_by": "monailabel train task medsegx",
+                "run_id": context.run_id,
+                "epochs": engine.state.epoch,
+                "best_epoch": self.best_epoch,
+                "val_dice": self.best,
+                "baseline_val_dice": self.baseline,
+                "lr": float(context.request.get("lr", FINETUNE_LR)),
+                "training_set": {key: value for key, value in context.build_report.as_dict().items()
+                                 if key != "skipped"},
+            }
+            meta = publish_checkpoint(context.network, self.task.publish_path, metadata,
+                                      optimizer=context.optimizer, epoch=engine.state.epoch)
+            result.update(published=True, model_version=meta["model_version"], checkpoint=str(self.task.publish_path))
+        self.task._result = result
+        if result["published"]:
+            logger.info("medsegx train: published model %s to %s (val Dice %s, served model had %s)",
+                        result["model_version"], self.task.publish_path, _fmt(self.best), _fmt(self.baseline))
+        else:
+            logger.info("medsegx train: nothing published: %s", result["reason"])
+
+    def failed(self, engine, error) -> None:
+        logger.error("medsegx train: failed (%s: %s); the served model is untouched", type(error).__name__, error)
+        self.task._result = {"published": False, "reason": f"{type(error).__name__}: {error}"}
+        raise error
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
