@@ -167,3 +167,26 @@ def test_plain_sam_encoder_matches_frozen_part():
         ours, _ = model.encode(images, _context())
         theirs = reference(images)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def _per_expert_reference(block, x):
+    """The paper's formula written expert by expert: MLP(x) + 0.1 * sum_k g_k Up_k(GELU(Down_k(x)))."""
+    tokens = block._pre_norm[0](x) if block._pre_norm else x
+    gates = block.expert_gates(tokens)
+    block._state.gates.append(gates)
+    experts = torch.stack([up(torch.nn.functional.gelu(down(tokens)))
+                           for down, up in zip(block.adapter_down, block.adapter_up)], dim=1)
+    return block.mlp(x) + torch.einsum("bk...,bk->b...", experts, gates) * block.adapter_scale
+
+
+def test_fused_experts_equal_the_per_expert_formula(monkeypatch):
+    model = build_model("tiny_vit", pretrained=False)
+    _randomise_adapters(model, seed=3)
+    images = model.normalize(torch.rand(2, 3, 256, 256) * 255)
+    context = torch.cat([_context("Liver", "CT"), _context("WhiteMatter", "MRI")])
+    with torch.no_grad():
+        fused, fused_gates = model.encode(images, context)
+        monkeypatch.setattr(ConMoAEMLP, "forward", _per_expert_reference)
+        reference, reference_gates = model.encode(images, context)
+    torch.testing.assert_close(fused_gates, reference_gates)
+    assert ((fused - reference).norm() / reference.norm()).item() < 1e-5

@@ -132,15 +132,18 @@ class ConMoAEMLP(nn.Module):
         gates = self.expert_gates(tokens)
         self._state.gates.append(gates)
         dropout_on = self.training or self._state.mc_dropout
-        experts = torch.stack(
-            [
-                up(F.dropout(F.gelu(down(tokens)), p=self.adapter_dropout, training=dropout_on))
-                for down, up in zip(self.adapter_down, self.adapter_up)
-            ],
-            dim=1,
-        )  # (B, K, ..., C)
-        gate_shape = gates.shape + (1,) * (experts.ndim - 2)
-        mixed = (experts * gates.view(gate_shape)).sum(dim=1)
+        # sum_k g_k * Up_k(h_k) == [W_up_1 .. W_up_K] @ [g_1 h_1; ..; g_K h_K] + sum_k g_k b_up_k:
+        # the K experts run as one matmul each way instead of K full-width outputs stacked.
+        down_weight = torch.cat([down.weight for down in self.adapter_down])
+        down_bias = torch.cat([down.bias for down in self.adapter_down])
+        hidden = F.dropout(F.gelu(F.linear(tokens, down_weight, down_bias)), p=self.adapter_dropout,
+                           training=dropout_on)  # (B, ..., K * bottleneck)
+        lead = (gates.shape[0],) + (1,) * (hidden.ndim - 2)
+        bottleneck = hidden.shape[-1] // self.num_experts
+        hidden = hidden * gates.repeat_interleave(bottleneck, dim=-1).view(*lead, -1)
+        up_weight = torch.cat([up.weight for up in self.adapter_up], dim=1)
+        up_bias = gates @ torch.stack([up.bias for up in self.adapter_up])  # (B, C)
+        mixed = F.linear(hidden, up_weight) + up_bias.view(*lead, -1)
         return self.mlp(x) + mixed * self.adapter_scale
 
 
