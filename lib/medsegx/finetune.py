@@ -196,13 +196,21 @@ def structure_slices(label_zhw: np.ndarray, min_pixels: int = MIN_STRUCTURE_PIXE
     return found
 
 
-def evenly_spaced(indices: Sequence[int], count: int) -> list[int]:
-    """At most ``count`` of ``indices``, evenly spread over the list (first and last kept)."""
+def evenly_spaced(indices: Sequence[int], count: int, ends: bool = True) -> list[int]:
+    """At most ``count`` of ``indices``, evenly spread over the list.
+
+    Args:
+        indices: ordered candidates (e.g. the slices showing a structure).
+        count: how many to keep; ``<= 0`` keeps all.
+        ends: keep the first and the last (covers the whole extent: candidate pools); with
+            ``False`` the middle of each of ``count`` equal parts (representative slices,
+            never only the tips of an organ: validation, few-shot labels).
+    """
     indices = list(indices)
     if count <= 0 or len(indices) <= count:
         return indices
-    if count == 1:
-        return [indices[len(indices) // 2]]
+    if not ends or count == 1:
+        return [indices[int((part + 0.5) * len(indices) / count)] for part in range(count)]
     positions = np.linspace(0, len(indices) - 1, count)
     return [indices[int(round(p))] for p in positions]
 
@@ -328,7 +336,8 @@ class StructureBalancedSampler(torch.utils.data.Sampler[int]):
         structures: the structure key of every dataset item (``SliceSample.structure``).
         max_per_structure: slices per structure per epoch; ``<= 0`` takes them all.
         seed: base seed; epoch ``e`` draws with ``seed + e``.
-        shuffle: ``False`` keeps dataset order and takes evenly spaced slices (validation).
+        shuffle: ``False`` keeps dataset order and takes the same evenly spread slices every
+            epoch (the middle of equal parts of each structure's slices: validation).
     """
 
     def __init__(self, structures: Sequence[str], max_per_structure: int, seed: int = 0, shuffle: bool = True):
@@ -356,7 +365,7 @@ class StructureBalancedSampler(torch.utils.data.Sampler[int]):
                 order = torch.randperm(len(members), generator=generator)[: self.max_per_structure]
                 picked = [members[i] for i in sorted(order.tolist())]
             else:
-                picked = evenly_spaced(members, self.max_per_structure)
+                picked = evenly_spaced(members, self.max_per_structure, ends=False)
             chosen.extend(picked)
         if self.shuffle:
             chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]

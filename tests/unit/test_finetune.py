@@ -106,10 +106,12 @@ def test_structure_slices_rejects_non_label_arrays():
         structure_slices(np.zeros((4, 4)))
 
 
-def test_evenly_spaced_keeps_ends():
+def test_evenly_spaced():
     assert evenly_spaced(range(10), 3) == [0, 4, 9]
+    assert evenly_spaced(range(10), 2, ends=False) == [2, 7]  # not the two tips of the structure
+    assert evenly_spaced(range(10), 4, ends=False) == [1, 3, 6, 8]
     assert evenly_spaced([3, 4], 5) == [3, 4]
-    assert evenly_spaced(range(9), 1) == [4]
+    assert evenly_spaced(range(9), 1) == evenly_spaced(range(9), 1, ends=False) == [4]
 
 
 def test_item_uses_the_predictor_transform(tiny_model):
@@ -159,7 +161,7 @@ def test_sampler_caps_each_structure_and_redraws_per_epoch():
         assert len(set(drawn)) == len(drawn)
     assert len({tuple(sorted(d)) for d in epochs}) > 1  # a new subset of "a" each epoch
     fixed = StructureBalancedSampler(structures, max_per_structure=2, shuffle=False)
-    assert list(fixed) == list(fixed) == [0, 9, 10, 12, 13]
+    assert list(fixed) == list(fixed) == [2, 7, 10, 12, 13]
 
 
 # ----------------------------------------------------------------------------- steps
