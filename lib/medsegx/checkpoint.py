@@ -16,6 +16,8 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -201,6 +203,24 @@ def load_checkpoint(model: MedSegXModel, path: str | os.PathLike) -> dict:
     return dict(metadata)
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    Readers of ``path`` see the old file or the new one, never a partial write; a failure
+    removes the temporary file and leaves ``path`` untouched.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp_name
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
 def save_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: dict | None = None,
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0) -> dict:
     """Write the trainable weights in the official layout, atomically (temporary file, then rename).
@@ -227,12 +247,6 @@ def save_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: dict
         "epoch": int(epoch),
         "metadata": meta,
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return meta

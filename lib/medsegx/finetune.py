@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsegx.checkpoint import save_checkpoint
+from medsegx.checkpoint import atomic_path, save_checkpoint
 from medsegx.data import TRAIN_BOX_JITTER
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import dice_per_mask
@@ -541,14 +540,8 @@ def publish_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: M
     path.parent.mkdir(parents=True, exist_ok=True)
     if keep_previous and path.is_file():
         previous = previous_checkpoint_path(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{previous.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(previous) as tmp_name:
             shutil.copyfile(path, tmp_name)
-            os.replace(tmp_name, previous)
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
     meta = save_checkpoint(model, path, dict(metadata or {}), optimizer=optimizer, epoch=epoch)
     logger.info("published %s (model_version %s)", path, meta.get("model_version"))
     return meta

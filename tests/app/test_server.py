@@ -54,16 +54,6 @@ def http_error(call) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def server(medsegx_server):
-    return medsegx_server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
 def ct_phantom(sample_data):
     image = nib.load(sample_data["images"]["ct_phantom"])
     label = np.asarray(nib.load(sample_data["labels"]["ct_phantom"]).dataobj).astype(np.int16)

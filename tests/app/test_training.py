@@ -38,16 +38,6 @@ TINY_RUN = {"max_epochs": 1, "slices_per_structure": 1, "val_slices_per_structur
 
 
 @pytest.fixture(scope="module")
-def server(medsegx_server):
-    return medsegx_server
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return server.client()
-
-
-@pytest.fixture(scope="module")
 def published(server) -> Path:
     return server.app_dir / "model" / "medsegx.pth"
 
