@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -30,11 +29,11 @@ import numpy as np
 
 from medsegx.build import build_model
 
-from medsegx_training.config import ConfigError, EvalConfig, build_eval_parser, eval_config_from_args, save_config
+from medsegx_training.config import EvalConfig, build_eval_parser, eval_config_from_args, save_config
 from medsegx_training.data import describe_dataset, eval_loader, shared_dataset, split_name
 from medsegx_training.distributed import DistEnv, barrier, cleanup_distributed, gather_objects, init_distributed
 from medsegx_training.engine import evaluate
-from medsegx_training.trainer import configure_logging
+from medsegx_training.trainer import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -179,20 +178,7 @@ def _run(config: EvalConfig, env: DistEnv) -> EvalResult | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_eval_parser()
-    config = eval_config_from_args(parser.parse_args(argv))
-    try:
-        config.validate()
-    except ConfigError as err:
-        parser.error(str(err))
-    configure_logging(DistEnv(rank=int(os.environ.get("RANK", "0"))))
-    try:
-        run_evaluation(config)
-    except ValueError as err:  # CheckpointError and the data readers' errors
-        logger.error("%s", err)
-        print(f"medsegx-evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("medsegx-evaluate", build_eval_parser(), argv, eval_config_from_args, run_evaluation)
 
 
 if __name__ == "__main__":

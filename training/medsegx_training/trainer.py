@@ -261,20 +261,32 @@ def _run(config: TrainConfig, env: DistEnv) -> TrainResult:
         recorder.close()
 
 
-def main_for_stage(stage: str, argv: list[str] | None = None) -> int:
-    """Console-script body: parse, configure logging, run; config and data errors exit with status 2."""
-    parser = build_train_parser(stage)
-    args = parser.parse_args(argv)
-    config = train_config_from_args(stage, args)
+def run_cli(prog: str, parser, argv: list[str] | None, make_config, run) -> int:
+    """Console-script body shared by pretrain/finetune/evaluate: parse, validate, configure
+    logging, run; config and data errors exit with status 2 and one line on stderr.
+
+    Args:
+        prog: the command's name for the error line (``medsegx-pretrain`` ...).
+        parser: its argparse parser.
+        make_config: parsed arguments -> config dataclass (with ``validate()``).
+        run: config -> result.
+    """
+    config = make_config(parser.parse_args(argv))
     try:
         config.validate()
     except ConfigError as err:
         parser.error(str(err))
     configure_logging(DistEnv(rank=int(os.environ.get("RANK", "0"))))
     try:
-        run_training(config)
+        run(config)
     except ValueError as err:  # ConfigError, CheckpointError and the data readers' errors
         logger.error("%s", err)
-        print(f"medsegx-{stage}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main_for_stage(stage: str, argv: list[str] | None = None) -> int:
+    """The pretrain / finetune console scripts."""
+    return run_cli(f"medsegx-{stage}", build_train_parser(stage), argv,
+                   lambda args: train_config_from_args(stage, args), run_training)
