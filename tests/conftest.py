@@ -122,11 +122,34 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
+def serve(root: Path, studies: Path | str, *extra: str):
+    """Run ``monailabel start_server`` with a copy of the app in ``root`` until the generator is closed.
+
+    Yields the ``Server`` once ``GET /info/`` answers; ``extra`` goes to ``start_server``
+    (e.g. ``"--conf", "infer_queue", "1"``).
+    """
+    app_dir = copy_app(root / "app")
+    log = root / "server.log"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(server_command(app_dir, studies, port, *extra), stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=server_env(), cwd=root, start_new_session=True)
+    server = Server(url, process, log, app_dir, root / "client")
+    server.client_dir.mkdir()
+    try:
+        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
+        yield server
+    finally:
+        stop(process)
+
+
 class Launcher:
     """How the fixtures start a server, for tests that start their own (e.g. to see it fail)."""
 
     copy_app = staticmethod(copy_app)
     env = staticmethod(server_env)
+    serve = staticmethod(serve)
 
     @staticmethod
     def command(app_dir: Path, studies: Path | str, *extra: str) -> list[str]:
@@ -148,18 +171,4 @@ def sample_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def medsegx_server(sample_data, tmp_path_factory):
     """A running ``monailabel start_server`` with the app on the sample datastore."""
-    root = tmp_path_factory.mktemp("server")
-    app_dir = copy_app(root / "app")
-    log = root / "server.log"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(server_command(app_dir, sample_data["datastore"], port), stdout=log_file,
-                                   stderr=subprocess.STDOUT, env=server_env(), cwd=root, start_new_session=True)
-    server = Server(url, process, log, app_dir, root / "client")
-    server.client_dir.mkdir()
-    try:
-        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
-        yield server
-    finally:
-        stop(process)
+    yield from serve(tmp_path_factory.mktemp("server"), sample_data["datastore"])

@@ -3,11 +3,12 @@
     monailabel start_server --app apps/medsegx --studies <folder or DICOMweb URL> \
         [--conf backbone lite|vit_b|vit_l|vit_h] [--conf sam_checkpoint PATH] \
         [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
-        [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...]
+        [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N]
 
 Options are parsed once into ``lib.configs.settings.AppSettings``; the app's part of the
-MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py``; the
-request format is documented in ``lib/infers/medsegx.py`` and ``README.md``.
+MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py`` and, for
+inference off the event loop (#6), ``lib/concurrency.py``; the request format is documented in
+``lib/infers/medsegx.py`` and ``README.md``.
 """
 
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 
 import medsegx
 from fastapi import HTTPException
+from monailabel.config import settings as monailabel_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -25,6 +27,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib import compat
+from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.configs.settings import AppConfigError, AppSettings
 
@@ -39,6 +42,7 @@ class MedSegXApp(MONAILabelApp):
         os.makedirs(self.model_dir, exist_ok=True)
         compat.configure_tracking(self.settings.tracking, self.settings.tracking_uri)
 
+        self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT)
         self.models = {"medsegx": MedSegX()}
         for name, task_config in self.models.items():
             task_config.init(name, self.model_dir, conf, None, settings=self.settings)
@@ -51,6 +55,12 @@ class MedSegXApp(MONAILabelApp):
             description="Box-prompt segmentation of any MedSegDB structure, on a slice or propagated in 3D",
             version=medsegx.__version__,
         )
+        if install_in_server(self.infer_queue) and self._infers_threadpool is not None:
+            # MONAI_LABEL_INFER_CONCURRENCY: the queue's worker thread already keeps the loop free, and
+            # upstream's pool would run the task where the queue cannot stop it (docs/MONAILABEL_COMPAT.md #6)
+            logger.info("MONAI_LABEL_INFER_CONCURRENCY ignored: inference runs in the app's queue")
+            self._infers_threadpool.shutdown(wait=False)
+            self._infers_threadpool = None
 
     def init_infers(self) -> dict[str, InferTask]:
         return {name: task_config.infer() for name, task_config in self.models.items()}
@@ -84,5 +94,5 @@ class MedSegXApp(MONAILabelApp):
 
     def info(self):
         info = super().info()
-        info["medsegx"] = self.settings.summary()
+        info["medsegx"] = {**self.settings.summary(), "inference": self.infer_queue.status()}
         return info

@@ -1,7 +1,7 @@
 """The app's side of the MONAI Label 0.8.5 workarounds listed in ``docs/MONAILABEL_COMPAT.md``.
 
 That document is the one place that lists the breakages and every fix; this module holds
-the two that live in the app:
+two of the three that live in the app (the third, #6, has a module of its own):
 
 - **#2 MLflow file store.** MLflow 3 / MONAI 1.6 refuse MONAI Label's default
   ``file://<model>/mlruns`` tracking store. :func:`configure_tracking` makes the conf keys
@@ -12,6 +12,11 @@ the two that live in the app:
   ``MedSegXApp._download_dcmqi_tools``) finds the tool the ``dcmqi`` wheel installed next to
   the interpreter, puts that folder on ``PATH``, and raises a clear error instead of
   downloading when it is missing.
+- **#6 inference blocks the event loop.** ``POST /infer/{model}`` runs the whole inference
+  inside an ``async def`` endpoint, so no other request is answered meanwhile.
+  ``lib/concurrency.py`` serves that route from a worker thread behind a bounded FIFO queue
+  (``--conf infer_queue``, 503 + ``Retry-After``, disconnect and time-cap stops);
+  ``MedSegXApp.__init__`` installs it.
 
 Not in that list but also MONAI Label's: a failing app constructor reaches the log as a
 uvicorn start-up traceback of some forty lines; :func:`one_line_startup_errors` keeps only the

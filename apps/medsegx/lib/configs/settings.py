@@ -41,6 +41,8 @@ class AppSettings:
         tracking: ``mlflow`` or ``none``, experiment tracking of train tasks.
         tracking_uri: MLflow backend URI; default ``sqlite:///<model_dir>/mlflow.db``
             (MLflow 3 refuses the ``file://`` store, ``docs/MONAILABEL_COMPAT.md`` #2).
+        infer_queue: infer requests that may wait behind the running one; one more is
+            answered 503 with ``Retry-After`` (``lib/concurrency.py``, ``docs/MONAILABEL_COMPAT.md`` #6).
     """
 
     model_dir: Path
@@ -51,9 +53,10 @@ class AppSettings:
     cache_size: int = 64
     tracking: str = "mlflow"
     tracking_uri: str = ""
+    infer_queue: int = 8
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
-    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri")
+    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri", "infer_queue")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
@@ -61,7 +64,8 @@ class AppSettings:
 
         Raises:
             AppConfigError: unknown backbone or device, a configured file that does not
-                exist, a ViT backbone without ``sam_checkpoint``, a bad ``cache_size``.
+                exist, a ViT backbone without ``sam_checkpoint``, a bad ``cache_size`` or
+                ``infer_queue``.
         """
         model_dir = Path(app_dir).resolve() / "model"
         backbone = conf.get("backbone", "lite").strip()
@@ -78,13 +82,8 @@ class AppSettings:
         if backbone == "lite" and sam_checkpoint is not None:
             logger.warning("--conf sam_checkpoint %s is ignored: backbone 'lite' uses the embedded LiteMedSAM", sam_checkpoint)
 
-        cache_text = conf.get("cache_size", str(cls.cache_size)).strip()
-        try:
-            cache_size = int(cache_text)
-        except ValueError:
-            cache_size = -1
-        if cache_size < 0:
-            raise AppConfigError(f"--conf cache_size {cache_text!r} is not a non-negative integer")
+        cache_size = _non_negative_int(conf, "cache_size", cls.cache_size)
+        infer_queue = _non_negative_int(conf, "infer_queue", cls.infer_queue)
 
         tracking = conf.get("tracking", "mlflow").strip().lower()
         if tracking not in ("mlflow", "none"):
@@ -106,6 +105,7 @@ class AppSettings:
             cache_size=cache_size,
             tracking=tracking,
             tracking_uri=tracking_uri,
+            infer_queue=infer_queue,
             unknown_keys=unknown,
         )
 
@@ -123,7 +123,19 @@ class AppSettings:
             "medsegx_checkpoint": str(self.medsegx_checkpoint) if self.medsegx_checkpoint else None,
             "device": self.device,
             "cache_size": self.cache_size,
+            "infer_queue": self.infer_queue,
         }
+
+
+def _non_negative_int(conf: Mapping[str, str], key: str, default: int) -> int:
+    text = conf.get(key, str(default)).strip()
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise AppConfigError(f"--conf {key} {text!r} is not a non-negative integer")
+    return value
 
 
 def _existing_file(conf: Mapping[str, str], key: str, app_dir: str | os.PathLike) -> Path | None:
