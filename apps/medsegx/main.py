@@ -5,7 +5,7 @@
         [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
         [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N]
 
-Options are parsed once into ``lib.configs.settings.AppSettings``; the app's part of the
+Options are parsed once into ``lib.settings.AppSettings``; the app's part of the
 MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py`` and, for
 inference off the event loop (#6), ``lib/concurrency.py``; the request format is documented in
 ``lib/infers/medsegx.py`` and ``README.md``.
@@ -29,7 +29,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib import compat
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
-from lib.configs.settings import AppConfigError, AppSettings
+from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
 

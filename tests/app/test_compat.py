@@ -6,7 +6,7 @@ import sysconfig
 
 import pytest
 from lib import compat
-from lib.configs.settings import AppConfigError
+from lib.settings import AppConfigError
 
 
 def test_dcmqi_found_next_to_the_interpreter_without_download(monkeypatch):

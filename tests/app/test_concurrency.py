@@ -29,7 +29,7 @@ from monailabel.client.client import MONAILabelUtils
 from monailabel.endpoints import infer as upstream
 
 from lib.concurrency import ClientGone, InferQueue, install, queued_infer
-from lib.configs.settings import AppConfigError, AppSettings
+from lib.settings import AppConfigError, AppSettings
 
 MODEL = "medsegx"
 SPLEEN_VALUE = 2

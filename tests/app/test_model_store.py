@@ -3,8 +3,8 @@
 import os
 
 import pytest
-from lib.configs.settings import AppSettings
 from lib.model_store import EMBEDDED_LITE_VERSION, ModelStore
+from lib.settings import AppSettings
 
 from medsegx.checkpoint import save_checkpoint
 

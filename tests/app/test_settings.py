@@ -3,7 +3,7 @@
 import dataclasses
 
 import pytest
-from lib.configs.settings import AppConfigError, AppSettings
+from lib.settings import AppConfigError, AppSettings
 
 
 def test_defaults(tmp_path):

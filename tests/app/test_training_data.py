@@ -1,6 +1,6 @@
 """The train task's data side and publishing policy, without a server (fast).
 
-- ``lib.trainers.samples``: label names (label info > sidecar > app label map), per-structure
+- ``lib.labelled_slices``: label names (label info > sidecar > app label map), per-structure
   split of a multi-label file, unreadable / empty / mismatched labels skipped with a warning,
   pictures, the volume split and the slice hold-out;
 - ``lib.trainers.medsegx.FineTuneMonitor.complete``: what gets published;
@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from lib.activelearning.uncertainty import Uncertainty
-from lib.scoring.medsegx_uncertainty import MODEL_KEY, SCORE_KEY, TS_KEY
+from lib.labelled_slices import BuildReport, SliceSetBuilder, hold_out_slices, split_volumes
+from lib.score_keys import MODEL_KEY, SCORE_KEY, TS_KEY
 from lib.trainers.medsegx import FineTuneMonitor
-from lib.trainers.samples import BuildReport, SliceSetBuilder, hold_out_slices, split_volumes
 from medsegx.build import build_model
 from medsegx.checkpoint import load_checkpoint
 from medsegx.taxonomy import resolve

@@ -22,7 +22,7 @@ from medsegx.checkpoint import CheckpointError, load_checkpoint
 from medsegx.modeling import MedSegXModel
 from medsegx.predictor import Predictor
 
-from lib.configs.settings import AppSettings
+from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.scoring.medsegx_uncertainty import MODEL_KEY, SCORE_KEY, TS_KEY
+from lib.score_keys import MODEL_KEY, SCORE_KEY, TS_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning.uncertainty import Uncertainty
-from lib.configs.settings import AppConfigError, AppSettings
 from lib.infers.medsegx import MedSegXInfer
 from lib.labels import LabelMap
 from lib.model_store import ModelStore
-from lib.scoring.medsegx_uncertainty import SCORE_KEY, MedSegXUncertaintyScoring
+from lib.score_keys import SCORE_KEY
+from lib.scoring.medsegx_uncertainty import MedSegXUncertaintyScoring
+from lib.settings import AppConfigError, AppSettings
 from lib.trainers.medsegx import MedSegXTrain
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class MedSegX(TaskConfig):
         return MedSegXInfer(self.store, self.label_map, self.settings)
 
     def trainer(self) -> TrainTask | None:
-        return MedSegXTrain(self.store, self.label_map.labels)  # publishes model/medsegx.pth
+        # publishes the last of path ([pretrained, model/medsegx.pth]), which the store then serves
+        return MedSegXTrain(self.store, publish_path=self.path[-1], output_dir=Path(self.model_dir) / self.name,
+                            app_labels=self.label_map.labels)
 
     def strategy(self) -> dict[str, Strategy]:
         return {"uncertainty": Uncertainty()}

@@ -32,18 +32,18 @@ from medsegx.taxonomy import resolve
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from lib.configs.settings import AppSettings
-from lib.infers.prompt import Prompt, RequestError, check_required, parse_label, parse_prompt
-from lib.labels import LabelMap
-from lib.modality import choose_modality
-from lib.model_store import ModelStore
-from lib.transforms import (
+from lib.frames import (
     PreparedVolumes,
     intensity_signature,
     is_picture,
     mask_zhw_to_xyz,
     picture_to_rgb,
 )
+from lib.infers.prompt import Prompt, RequestError, check_required, parse_label, parse_prompt
+from lib.labels import LabelMap
+from lib.modality import choose_modality
+from lib.model_store import ModelStore
+from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 

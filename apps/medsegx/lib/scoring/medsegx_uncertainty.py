@@ -2,7 +2,7 @@
 
 A SAM-type model answers a prompt, and an unlabelled image has none, so the prompts come
 from what annotators label in this datastore: for every named structure of the labelled
-images (``lib/trainers/samples.py`` reads them as the train task does), the slice where it
+images (``lib/labelled_slices.py`` reads them as the train task does), the slice where it
 is largest, as a fraction of the volume's depth, and its bounding box, as fractions of the
 slice's width and height ("where this structure usually is"). An unlabelled image of the
 same modality is prompted with those boxes at those relative slices (at most
@@ -45,16 +45,13 @@ from medsegx.taxonomy import resolve
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from lib.background import limit_background_cpu
+from lib.labelled_slices import BuildReport, LoadedImage, SliceSetBuilder, labelled_volumes, load_image
 from lib.model_store import ModelStore
-from lib.trainers.medsegx import limit_background_cpu
-from lib.trainers.samples import BuildReport, LoadedImage, SliceSetBuilder, labelled_volumes, load_image
+from lib.score_keys import MODEL_KEY, PROMPTS_KEY, SCORE_KEY, TS_KEY
 
 logger = logging.getLogger(__name__)
 
-SCORE_KEY = "medsegx_uncertainty"
-MODEL_KEY = "medsegx_uncertainty_model"
-TS_KEY = "medsegx_uncertainty_ts"
-PROMPTS_KEY = "medsegx_uncertainty_prompts"
 FALLBACK_TARGET = "foreground"
 
 

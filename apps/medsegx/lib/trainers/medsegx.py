@@ -4,7 +4,7 @@ Built on MONAI Label's ``BasicTrainTask`` (MONAI's ignite ``SupervisedTrainer`` 
 ``SupervisedEvaluator``, its stats file, ``ValidationHandler``, early stopping, MLflow and
 TensorBoard handlers). What differs from a MONAI Label sample app:
 
-- **Data**: ``lib/trainers/samples.py`` turns every labelled image into per-structure 2D
+- **Data**: ``lib/labelled_slices.py`` turns every labelled image into per-structure 2D
   slices (a multi-label file is split per structure), prepared exactly as the infer task
   prepares them; validation uses held-out *volumes* (``val_split``), or every 5th slice of
   each structure when only one volume is labelled. Each epoch draws at most
@@ -38,8 +38,8 @@ import copy
 import json
 import logging
 import os
-import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,40 +63,14 @@ from medsegx.finetune import (
 from medsegx.losses import DiceBCEMinLoss
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.configs.settings import PUBLISHED_FILE
+from lib.background import limit_background_cpu
+from lib.labelled_slices import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
 from lib.model_store import ModelStore
-from lib.trainers.samples import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
-from lib.trainers.transforms import RandJitterBoxd, ToModelInputd
+from lib.trainers.item_transforms import RandJitterBoxd, ToModelInputd
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_POLICIES = ("improved", "always")
-#: Module run by MONAI Label for background train / scoring tasks (``async_tasks/utils.py``).
-_BACKGROUND_MAIN = "monailabel.interfaces.utils.app"
-
-
-def in_background_process() -> bool:
-    """True inside the subprocess MONAI Label starts for ``POST /train`` (not in the server)."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    return spec is not None and spec.name == _BACKGROUND_MAIN
-
-
-def limit_background_cpu(num_threads: int, nice: int) -> None:
-    """Bound a background task's CPU use: torch threads, and a lower scheduling priority.
-
-    Only in MONAI Label's background process: in the server process it would slow inference.
-    """
-    if not in_background_process():
-        return
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    if nice > 0 and hasattr(os, "nice"):
-        try:
-            os.nice(nice)
-        except OSError as err:
-            logger.debug("cannot lower the priority: %s", err)
-    logger.info("background task: %d torch thread(s), nice +%d", torch.get_num_threads(), nice)
 
 
 def _decollate(output: dict[str, torch.Tensor], keys: tuple[str, ...], shared: tuple[str, ...] = ()) -> list[dict]:
@@ -106,11 +80,14 @@ def _decollate(output: dict[str, torch.Tensor], keys: tuple[str, ...], shared: t
 
 
 class MedSegXTrain(BasicTrainTask):
-    """Fine-tune ConMoAE-SAM on the datastore's final labels and publish ``model/medsegx.pth``.
+    """Fine-tune ConMoAE-SAM on the datastore's final labels and publish to ``publish_path``.
 
     Args:
         store: the process's model store (``lib/model_store.py``): training starts from a copy
-            of the model it serves; its settings give the device and the model folder.
+            of the model it serves; its settings give the device and the tracking URI.
+        publish_path: where the fine-tuned checkpoint goes (the TaskConfig's last ``path``,
+            ``model/medsegx.pth``, which the model store then serves).
+        output_dir: MONAI Label's run folder (stats file, logs), ``model/<name>``.
         app_labels: the app's label map (name -> value), the last source of label names.
         description: shown in ``/info``.
         config: overrides of the request defaults below.
@@ -125,13 +102,13 @@ class MedSegXTrain(BasicTrainTask):
         ("improved" | "always"), seed, amp, tracking ("mlflow" | "None"), tracking_uri.
     """
 
-    def __init__(self, store: ModelStore, app_labels: dict[str, int] | None = None,
-                 description: str = "Fine-tune MedSegX (adapters, gates, context embeddings, mask decoder) "
+    def __init__(self, store: ModelStore, publish_path: str | os.PathLike, output_dir: str | os.PathLike,
+                 app_labels: dict[str, int] | None = None, description: str = "Fine-tune MedSegX (adapters, gates, context embeddings, mask decoder) "
                                     "on the final labels", config: dict[str, Any] | None = None):
         self.store = store
         settings = store.settings
         self.app_labels = app_labels if app_labels is not None else {}
-        self.publish_path = settings.model_dir / PUBLISHED_FILE
+        self.publish_path = Path(publish_path)
         gpu = settings.device.startswith("cuda")
         defaults = {
             "name": "train_01",
@@ -160,7 +137,7 @@ class MedSegXTrain(BasicTrainTask):
         }
         defaults.update(config or {})
         super().__init__(
-            model_dir=str(settings.model_dir / "medsegx"),
+            model_dir=str(output_dir),
             description=description,
             config=defaults,
             amp=False,  # the iteration functions handle autocast themselves (bfloat16 on CUDA)

@@ -1,7 +1,7 @@
 """The fine-tuning set: the datastore's final labels -> per-structure 2D slice samples.
 
 Every image with a ``final`` label is read exactly as the infer task reads it (MONAI's
-``LoadImage``; ``lib/transforms.py`` for the axes; ``PreparedVolumes`` / ``picture_to_rgb``
+``LoadImage``; ``lib/frames.py`` for the axes; ``PreparedVolumes`` / ``picture_to_rgb``
 for the intensities; ``lib/modality.py`` for the modality), so a training slice is the
 slice the predictor would be given. Each label value is a structure of its own (a
 multi-label file is split per structure); its name and the image's modality resolve to the
@@ -49,7 +49,7 @@ from medsegx.finetune import (
 from medsegx.taxonomy import resolve
 
 from lib.modality import choose_modality
-from lib.transforms import PreparedVolumes, intensity_signature, is_picture, picture_to_rgb, volume_to_zhw
+from lib.frames import PreparedVolumes, intensity_signature, is_picture, picture_to_rgb, volume_to_zhw
 
 logger = logging.getLogger(__name__)
 
