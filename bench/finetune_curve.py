@@ -2,7 +2,7 @@
 
 For each case (a structure of a sample volume the model was not trained on), label
 ``k = 0, 1, 2, 4, 8`` slices, fine-tune a fresh copy of the model on them with the in-loop
-train task's own step (``medsegx.finetune.train_step``: box pushed out by 0..19 px, Dice + BCE
+train task's own step (``medsegx.steps.train_step``: box pushed out by 0..19 px, Dice + BCE
 min over the three masks, adapters / gates / context embeddings / mask decoder trained),
 and report the Dice of the remaining slices. ``k = 0`` is the zero-shot model, measured in
 the same run on the same slices.
@@ -55,15 +55,9 @@ import numpy as np
 import torch
 
 from medsegx.build import build_model
-from medsegx.finetune import (
-    build_optimizer,
-    evenly_spaced,
-    item_from_arrays,
-    jitter_box,
-    structure_slices,
-    train_step,
-    val_step,
-)
+from medsegx.items import item_from_arrays, jitter_box
+from medsegx.slices import evenly_spaced, structure_slices
+from medsegx.steps import build_optimizer, train_step, val_step
 from medsegx.taxonomy import resolve
 from medsegx.transforms import prepare_volume
 

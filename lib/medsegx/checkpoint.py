@@ -14,11 +14,13 @@ import datetime as _dt
 import logging
 import os
 import re
+import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -249,4 +251,37 @@ def save_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: dict
     }
     with atomic_path(path) as tmp_name:
         torch.save(payload, tmp_name)
+    return meta
+
+
+def previous_checkpoint_path(path: str | os.PathLike) -> Path:
+    """Where the replaced checkpoint is kept: ``model/medsegx.pth`` -> ``model/medsegx.prev.pth``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def publish_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None,
+                       optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                       keep_previous: bool = True) -> dict:
+    """Replace the served checkpoint atomically, keeping the one it replaces.
+
+    1. the current file (if any) is copied to ``previous_checkpoint_path(path)`` through a
+       temporary file and a rename, so the ``.prev`` file is always whole;
+    2. ``medsegx.checkpoint.save_checkpoint`` writes the new weights to a temporary file in the
+       same folder and renames it over ``path``.
+
+    A crash at any point leaves ``path`` either the old or the new checkpoint, never a
+    partial file; readers that stat ``path`` (the infer task's model store) see one rename.
+
+    Returns:
+        The metadata written (with its new ``model_version``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if keep_previous and path.is_file():
+        previous = previous_checkpoint_path(path)
+        with atomic_path(previous) as tmp_name:
+            shutil.copyfile(path, tmp_name)
+    meta = save_checkpoint(model, path, dict(metadata or {}), optimizer=optimizer, epoch=epoch)
+    logger.info("published %s (model_version %s)", path, meta.get("model_version"))
     return meta

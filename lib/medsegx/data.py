@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medsegx import taxonomy
+from medsegx.items import TRAIN_BOX_JITTER
+from medsegx.transforms import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ __all__ = [
     "write_synthetic_medsegdb",
 ]
 
-IMAGE_SIZE = 256
-# Paper recipe: each box side pushed out by a uniform random 0..19 px during training,
-# i.e. torch.randint(0, TRAIN_BOX_JITTER).
-TRAIN_BOX_JITTER = 20
 OOD_SHIFTS = ("cross_site", "cross_task")
 OOD_PERCENTS = (5, 15, 25, 50, 100)
 OOD_SPLITS = ("finetune", "inference")

@@ -27,6 +27,7 @@ any two voxels of the grid can have, i.e. the worst possible HD95 for that image
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +36,7 @@ from scipy import ndimage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice", "hd95", "nsd", "dice_per_mask"]
+__all__ = ["dice", "hd95", "nsd", "dice_per_mask", "finite_or_none", "mask_uncertainty"]
 
 
 def _check_pair(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,3 +207,41 @@ def dice_per_mask(logits: torch.Tensor, target: torch.Tensor, threshold: float =
     intersection = (pred & truth).sum(dim=(2, 3)).float()
     total = pred.sum(dim=(2, 3)).float() + truth.sum(dim=(2, 3)).float()
     return torch.where(total > 0, 2.0 * intersection / total.clamp_min(1.0), torch.ones_like(total))
+
+
+def mask_uncertainty(probabilities: torch.Tensor, region: torch.Tensor | None = None) -> float:
+    """Disagreement of an ensemble of masks: mean mutual information (BALD) in nats.
+
+    The members are the three multimask outputs, times the Monte-Carlo dropout passes
+    through the adapters when there are several: ``H(mean p) - mean H(p)`` per pixel, i.e.
+    the part of the predictive entropy the members disagree on. 0 when all members agree
+    (also when all are unsure in the same way); at most ``log 2``.
+
+    Args:
+        probabilities: ``(..., H, W)`` sigmoid probabilities; every leading index is a member.
+        region: optional ``(H, W)`` bool/float weights (e.g. the prompt box); default all pixels.
+
+    Returns:
+        The mean over the region's pixels.
+    """
+    probabilities = probabilities.float().clamp(1e-6, 1 - 1e-6)
+    members = probabilities.reshape(-1, *probabilities.shape[-2:])
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+
+    mutual_information = entropy(members.mean(dim=0)) - entropy(members).mean(dim=0)
+    if region is None:
+        return float(mutual_information.mean())
+    weights = region.float().to(mutual_information.device)
+    if float(weights.sum()) <= 0:
+        return 0.0
+    return float((mutual_information * weights).sum() / weights.sum())
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, or ``None`` when missing / nan (JSON-friendly metrics)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

@@ -20,7 +20,8 @@ import yaml
 
 from medsegx.build import MODEL_REGISTRY
 from medsegx.checkpoint import SAM_DOWNLOAD_URLS
-from medsegx.data import OOD_PERCENTS, OOD_SHIFTS, TRAIN_BOX_JITTER
+from medsegx.data import OOD_PERCENTS, OOD_SHIFTS
+from medsegx.items import TRAIN_BOX_JITTER
 from medsegx.modeling import ConMoAEConfig
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,9 @@ file must not stop the fine-tuning of the others.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medsegx.finetune import (
-    MIN_STRUCTURE_PIXELS,
-    SliceSample,
-    evenly_spaced,
-    parse_label_names,
-    read_label_sidecar,
-    structure_slices,
-)
+from medsegx.slices import MIN_STRUCTURE_PIXELS, SliceSample, evenly_spaced, structure_slices
 from medsegx.taxonomy import resolve
 
 from lib.modality import choose_modality
@@ -54,6 +49,85 @@ from lib.frames import PreparedVolumes, intensity_signature, is_picture, picture
 logger = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = "_labels.json"
+#: Keys of a label JSON sidecar that are not label names.
+_SIDECAR_RESERVED = frozenset({"modality", "labels", "label_info", "label_names"})
+
+
+# -- label names (MONAI Label's label info, JSON sidecars) ----------------------------------
+
+def parse_label_names(value: Any) -> dict[int, str]:
+    """Label value -> structure name, from any of the label-map spellings in use.
+
+    Accepted:
+
+    - ``{"liver": 1, "spleen": 2}`` (name -> value; the sample data's sidecars, the app's
+      label map);
+    - ``{"1": "liver", "2": "spleen"}`` (value -> name);
+    - ``[{"name": "liver", "idx": 1}, ...]`` (MONAI Label's Slicer client sends this as the
+      ``label_info`` of a saved label; ``"value"`` / ``"index"`` are read as ``"idx"``);
+    - a dict holding one of the above under ``"label_info"``, ``"label_names"`` or ``"labels"``.
+
+    The value 0 (background) and entries that are not (name, positive integer) pairs are
+    ignored.
+
+    Returns:
+        ``{value: name}``, empty when nothing usable was found.
+    """
+    if isinstance(value, Mapping):
+        for key in ("label_info", "label_names", "labels"):
+            if key in value:
+                return parse_label_names(value[key])
+        names: dict[int, str] = {}
+        for key, item in value.items():
+            if key in _SIDECAR_RESERVED:
+                continue
+            if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+                label_value, name = int(item), str(key)
+            elif isinstance(item, str) and str(key).strip().isdigit():
+                label_value, name = int(str(key).strip()), item
+            else:
+                continue
+            if label_value > 0 and name.strip():
+                names[label_value] = name.strip()
+        return names
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        names = {}
+        for entry in value:
+            if not isinstance(entry, Mapping) or "name" not in entry:
+                continue
+            raw = next((entry[k] for k in ("idx", "value", "index") if k in entry), None)
+            try:
+                label_value = int(raw)
+            except (TypeError, ValueError):
+                continue
+            if label_value > 0 and str(entry["name"]).strip():
+                names[label_value] = str(entry["name"]).strip()
+        return names
+    return {}
+
+
+def read_label_sidecar(candidates: Sequence[str | os.PathLike]) -> tuple[dict[int, str], str | None, Path | None]:
+    """Read the first existing label JSON sidecar among ``candidates``.
+
+    A sidecar is a JSON file in any ``parse_label_names`` spelling, optionally with a
+    ``"modality"`` entry (e.g. ``{"liver": 1, "spleen": 2, "modality": "CT"}``).
+
+    Returns:
+        ``(names, modality, path)``; ``({}, None, None)`` when no candidate exists. An
+        unreadable sidecar is skipped with a warning.
+    """
+    for candidate in candidates:
+        path = Path(candidate)
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            logger.warning("ignoring unreadable label sidecar %s: %s", path, err)
+            continue
+        modality = content.get("modality") if isinstance(content, Mapping) else None
+        return parse_label_names(content), (str(modality) if modality else None), path
+    return {}, None, None
 
 
 def read_array(path: str) -> np.ndarray:

@@ -14,7 +14,7 @@ Each prompt is answered by an ensemble: the three multimask outputs, times ``mc_
 Monte-Carlo dropout passes through the ConMoAE adapters when the adapters have been trained
 (fresh adapters output exactly zero, so dropout there changes nothing and one pass is
 taken). The score is the ensemble's mean mutual information inside the box
-(``medsegx.finetune.mask_uncertainty``, in nats, 0..log 2), averaged over the prompts:
+(``medsegx.metrics.mask_uncertainty``, in nats, 0..log 2), averaged over the prompts:
 high when the masks disagree.
 
 Stored in the datastore's image info (as MONAI Label's epistemic scoring does):
@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsegx.finetune import mask_box, mask_uncertainty
+from medsegx.items import mask_box
+from medsegx.metrics import mask_uncertainty
 from medsegx.modeling import MedSegXModel
 from medsegx.predictor import Predictor
 from medsegx.taxonomy import resolve

@@ -1,4 +1,4 @@
-"""Thin MONAI dictionary wrappers around ``medsegx.finetune`` (the array logic lives there)."""
+"""Thin MONAI dictionary wrappers around ``medsegx.items`` (the array logic lives there)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from monai.transforms import MapTransform, Randomizable
 
-from medsegx.data import TRAIN_BOX_JITTER
-from medsegx.finetune import item_from_arrays, jitter_box
+from medsegx.items import TRAIN_BOX_JITTER, item_from_arrays, jitter_box
 
 
 class ToModelInputd(MapTransform):
@@ -18,7 +17,7 @@ class ToModelInputd(MapTransform):
     ``image`` becomes the ``(3, 256, 256)`` input made by ``medsegx.transforms.to_model_input``
     with the model's own normalisation, as the predictor makes it; ``mask`` becomes ``label``
     in the 256 frame; ``box`` is the mask's exact bounding box there (see
-    ``medsegx.finetune.item_from_arrays``). Other keys pass through.
+    ``medsegx.items.item_from_arrays``). Other keys pass through.
 
     Args:
         normalize: ``model.normalize``.
@@ -41,7 +40,7 @@ class RandJitterBoxd(Randomizable, MapTransform):
     """Push each side of ``box`` out by a uniform random 0..``max_shift - 1`` px (paper: 0..19).
 
     Args:
-        max_shift: ``medsegx.data.TRAIN_BOX_JITTER`` (20) by default; 0 keeps the exact box.
+        max_shift: ``medsegx.items.TRAIN_BOX_JITTER`` (20) by default; 0 keeps the exact box.
     """
 
     def __init__(self, max_shift: int = TRAIN_BOX_JITTER):

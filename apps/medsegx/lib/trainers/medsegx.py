@@ -9,14 +9,14 @@ TensorBoard handlers). What differs from a MONAI Label sample app:
   prepares them; validation uses held-out *volumes* (``val_split``), or every 5th slice of
   each structure when only one volume is labelled. Each epoch draws at most
   ``slices_per_structure`` slices per structure, so an epoch's cost is bounded.
-- **Step**: ``medsegx.finetune.train_step`` / ``val_step`` as the engines' iteration
+- **Step**: ``medsegx.steps.train_step`` / ``val_step`` as the engines' iteration
   functions: box pushed out by 0..19 px per side, Dice + BCE taken as the minimum over the
   three masks, only adapters / gates / context embeddings / mask decoder trained (the
   encoder runs forward, frozen). Validation Dice is that of the mask the infer task would
   return (chosen by predicted IoU); the oracle Dice is logged beside it.
 - **Publishing**: nothing is written while training runs. When the run completes (max
   epochs or early stop) the best-validating weights are published to ``model/medsegx.pth``
-  with ``medsegx.finetune.publish_checkpoint`` (official MedSegX layout + metadata,
+  with ``medsegx.checkpoint.publish_checkpoint`` (official MedSegX layout + metadata,
   temporary file then rename; the replaced file is kept as ``model/medsegx.prev.pth``),
   provided they beat the served model's validation Dice measured before the first epoch
   (``publish: "improved"``, default) or always (``"always"``). A run that fails or is
@@ -50,17 +50,11 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 
-from medsegx.finetune import (
-    FINETUNE_LR,
-    FINETUNE_WEIGHT_DECAY,
-    StructureBalancedSampler,
-    build_optimizer,
-    finite_or_none,
-    publish_checkpoint,
-    train_step,
-    val_step,
-)
+from medsegx.checkpoint import publish_checkpoint
 from medsegx.losses import DiceBCEMinLoss
+from medsegx.metrics import finite_or_none
+from medsegx.slices import StructureBalancedSampler
+from medsegx.steps import FINETUNE_LR, FINETUNE_WEIGHT_DECAY, build_optimizer, train_step, val_step
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.background import limit_background_cpu

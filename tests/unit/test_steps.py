@@ -1,8 +1,8 @@
-"""medsegx.finetune: label names, slice samples, box jitter, train/val steps, uncertainty, publishing."""
+"""The shared fine-tuning blocks: slice sampling (medsegx.slices), items and box jitter (medsegx.items),
+train/val steps (medsegx.steps), mask uncertainty (medsegx.metrics), publishing (medsegx.checkpoint)."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,25 +10,11 @@ import pytest
 import torch
 
 from medsegx.build import build_model
-from medsegx.checkpoint import load_checkpoint
-from medsegx.finetune import (
-    StructureBalancedSampler,
-    build_optimizer,
-    evenly_spaced,
-    item_from_arrays,
-    jitter_box,
-    mask_box,
-    mask_uncertainty,
-    parse_label_names,
-    previous_checkpoint_path,
-    publish_checkpoint,
-    read_label_sidecar,
-    set_finetune_mode,
-    structure_slices,
-    train_step,
-    val_step,
-)
-from medsegx.metrics import dice
+from medsegx.checkpoint import load_checkpoint, previous_checkpoint_path, publish_checkpoint
+from medsegx.items import item_from_arrays, jitter_box, mask_box
+from medsegx.metrics import dice, mask_uncertainty
+from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices
+from medsegx.steps import build_optimizer, set_train_mode, train_step, val_step
 from medsegx.taxonomy import resolve
 from medsegx.transforms import box_to_model, mask_from_model, resize_info, to_model_input
 
@@ -47,37 +33,6 @@ def _slice(height=40, width=60, seed=0):
     mask = np.zeros((height, width), dtype=bool)
     mask[10:20, 15:40] = True
     return image, mask
-
-
-# ----------------------------------------------------------------------------- label names
-
-
-@pytest.mark.parametrize("value", [
-    {"liver": 1, "spleen": 2},
-    {"1": "liver", "2": "spleen"},
-    [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}],
-    {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "value": 2}]},
-    {"label_names": {"liver": 1, "spleen": 2}, "ts": 123},
-    {"liver": 1, "spleen": 2, "background": 0, "modality": "CT"},
-])
-def test_parse_label_names_spellings(value):
-    assert parse_label_names(value) == {1: "liver", 2: "spleen"}
-
-
-def test_parse_label_names_ignores_junk():
-    assert parse_label_names({"ts": 17, "name": "x.nii.gz"}) == {17: "ts"}  # a plain name->value map
-    assert parse_label_names([{"name": "liver"}, {"idx": 2}, "liver"]) == {}
-    assert parse_label_names(None) == {}
-
-
-def test_read_label_sidecar_first_existing(tmp_path):
-    broken = tmp_path / "a_labels.json"
-    broken.write_text("{not json")
-    good = tmp_path / "b_labels.json"
-    good.write_text(json.dumps({"liver": 1, "modality": "CT"}))
-    names, modality, path = read_label_sidecar([tmp_path / "missing.json", broken, good])
-    assert (names, modality, path) == ({1: "liver"}, "CT", good)
-    assert read_label_sidecar([tmp_path / "missing.json"]) == ({}, None, None)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -174,7 +129,7 @@ def _batch(model, seed=0):
 
 
 def test_finetune_mode_trains_only_what_is_trained(tiny_model):
-    set_finetune_mode(tiny_model)
+    set_train_mode(tiny_model)
     assert tiny_model.mask_decoder.training
     assert not tiny_model.image_encoder.training and not tiny_model.prompt_encoder.training
     assert all(block.training and not block.mlp.training for block in tiny_model.conmoae_blocks)

@@ -1,0 +1,210 @@
+"""The one training step and validation step of MedSegX, for every way of training it.
+
+The app's train task (``apps/medsegx/lib/trainers/medsegx.py``, in-loop fine-tuning on the
+datastore's labels), the few-shot benchmark (``bench/finetune_curve.py``) and the offline
+trainer (``training/medsegx_training``, ``medsegx-pretrain`` / ``medsegx-finetune`` on MedSegDB)
+all run these functions on batches of ``medsegx.items`` items. What differs between them
+(MONAI's ignite engines; DDP, gradient accumulation, LR schedules and resume in the offline
+trainer) wraps ``training_loss`` / ``train_step`` and never copies them.
+
+- Forward: the encoder runs under the items' contexts (gradients reach the adapters and
+  context embeddings through it) in the train-mode policy of ``set_train_mode``, with
+  bfloat16 autocast on CUDA (``amp``).
+- Loss: Dice + BCE per mask, the minimum over the three masks per sample (the paper's
+  recipe), plus, with ``iou_loss_weight > 0``, the IoU head's MSE to the masks' actual IoU.
+- Optimiser: AdamW over what is trained (adapters, gates, context embeddings, mask decoder).
+- Validation: exact boxes, eval mode; Dice of the mask chosen by predicted IoU (what the
+  predictor returns) and of the best of the three (the paper's oracle protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsegx.losses import DiceBCEMinLoss
+from medsegx.metrics import dice_per_mask
+from medsegx.modeling import MedSegXModel
+
+__all__ = [
+    "FINETUNE_LR",
+    "FINETUNE_WEIGHT_DECAY",
+    "TrainingLoss",
+    "autocast",
+    "build_optimizer",
+    "mask_iou",
+    "predict_batch",
+    "set_train_mode",
+    "to_device",
+    "train_step",
+    "training_loss",
+    "unwrap",
+    "val_step",
+]
+
+#: AdamW learning rate and weight decay of the paper's downstream fine-tuning recipe.
+FINETUNE_LR = 5e-5
+FINETUNE_WEIGHT_DECAY = 0.01
+
+
+def build_optimizer(model: MedSegXModel, lr: float = FINETUNE_LR,
+                    weight_decay: float = FINETUNE_WEIGHT_DECAY) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (adapters, gates, embeddings, mask decoder)."""
+    params = [param for _, param in model.named_trainable_parameters()]
+    if not params:
+        raise ValueError("the model has no trainable parameters (was freeze_backbone undone?)")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def unwrap(model: nn.Module) -> MedSegXModel:
+    """The ``MedSegXModel`` inside a ``DistributedDataParallel`` wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def set_train_mode(model: nn.Module) -> nn.Module:
+    """Train mode for what is trained, eval mode for the frozen rest.
+
+    The frozen encoder keeps eval behaviour (TinyViT's BatchNorm must not update its
+    running statistics); the adapters get their expert dropout (the ConMoAE blocks' own
+    ``training`` flag only, not their wrapped frozen MLP) and the mask decoder trains.
+    ``model`` may be wrapped in ``DistributedDataParallel``.
+    """
+    inner = unwrap(model)
+    inner.eval()
+    for block in inner.conmoae_blocks:
+        block.training = True
+    inner.mask_decoder.train()
+    return model
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch's tensors on ``device`` (asynchronous copies from pinned memory on CUDA)."""
+    non_blocking = torch.device(device).type == "cuda"
+    return {key: value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
+def autocast(device: torch.device | str, amp: bool):
+    """bfloat16 autocast on CUDA when ``amp``; a no-op elsewhere."""
+    device = torch.device(device)
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B, M) IoU of every thresholded mask with the target (1 where both are empty)."""
+    pred = torch.sigmoid(logits.float()) > threshold
+    truth = target > 0.5
+    intersection = (pred & truth).sum(dim=(2, 3)).float()
+    union = (pred | truth).sum(dim=(2, 3)).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
+
+
+@dataclass
+class TrainingLoss:
+    """One forward pass of a training batch.
+
+    Attributes:
+        objective: ``(B,)`` per-sample loss with its graph (Dice + BCE of the best mask, plus
+            the weighted IoU-head loss); back-propagate a reduction of it.
+        logits: ``(B, 3, 256, 256)`` float mask logits, detached.
+        mask_index: ``(B,)`` long, the mask that gave each sample's minimum.
+        label: ``(B, 1, 256, 256)`` the batch's labels on the step's device.
+    """
+
+    objective: torch.Tensor
+    logits: torch.Tensor
+    mask_index: torch.Tensor
+    label: torch.Tensor
+
+    @property
+    def pred(self) -> torch.Tensor:
+        """``(B, 1, 256, 256)`` float {0, 1}: the mask that gave each sample's minimum."""
+        rows = torch.arange(self.logits.shape[0], device=self.logits.device)
+        return (self.logits[rows, self.mask_index] > 0).float()[:, None]
+
+
+def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_function: DiceBCEMinLoss | None = None,
+                  device: torch.device | str = "cpu", amp: bool = False,
+                  iou_loss_weight: float = 0.0) -> TrainingLoss:
+    """Forward a batch of items in train mode and compute the per-sample objective (no backward).
+
+    Args:
+        model: ``MedSegXModel`` or its ``DistributedDataParallel`` wrapper (put in
+            ``set_train_mode`` here).
+        batch: ``{"image": (B, 3, 256, 256) normalised and padded, "label": (B, 1, 256, 256),
+            "box": (B, 4) XYXY 256 frame, "context": (B, 5)}`` (``medsegx.items``).
+        loss_function: its ``per_mask`` is used, whatever its reduction (default
+            ``DiceBCEMinLoss()``).
+        device: where the step runs.
+        amp: bfloat16 autocast on CUDA (ignored elsewhere).
+        iou_loss_weight: weight of MSE(predicted IoU, actual IoU) over the 3 masks (0: off).
+    """
+    loss_function = loss_function or DiceBCEMinLoss()
+    set_train_mode(model)
+    batch = to_device(batch, device)
+    label = batch["label"]
+    with autocast(device, amp):
+        logits, iou_pred, _ = model(batch["image"], batch["box"], batch["context"])
+    objective, mask_index = loss_function.per_mask(logits.float(), label).min(dim=1)
+    logits = logits.detach().float()
+    if iou_loss_weight > 0:
+        iou_loss = F.mse_loss(iou_pred.float(), mask_iou(logits, label), reduction="none").mean(dim=1)
+        objective = objective + iou_loss_weight * iou_loss
+    return TrainingLoss(objective, logits, mask_index, label)
+
+
+def train_step(model: nn.Module, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+               loss_function: DiceBCEMinLoss | None = None, device: torch.device | str = "cpu",
+               amp: bool = False, iou_loss_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch: ``training_loss``, its batch mean back-propagated, one update.
+
+    Returns:
+        ``{"loss": scalar tensor (detached), "pred": (B, 1, 256, 256) float {0, 1} of the mask
+        that gave the minimum, "label": (B, 1, 256, 256), "mask_index": (B,) long}``.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    output = training_loss(model, batch, loss_function, device, amp, iou_loss_weight)
+    loss = output.objective.mean()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach(), "pred": output.pred, "label": output.label, "mask_index": output.mask_index}
+
+
+@torch.no_grad()
+def predict_batch(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
+                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode forward: ``(logits (B, 3, 256, 256) float, predicted IoU (B, 3))``."""
+    model = unwrap(model).eval()
+    batch = to_device(batch, device)
+    with autocast(device, amp):
+        logits, iou, _ = model(batch["image"], batch["box"], batch["context"])
+    return logits.float(), iou.float()
+
+
+def val_step(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
+             amp: bool = False) -> dict[str, torch.Tensor]:
+    """Validation on a batch (exact boxes): the mask the predictor would return.
+
+    The output is chosen by predicted IoU, as the infer task does (``Predictor``'s
+    ``select="iou"``); the oracle choice (best Dice of the three, the paper's protocol) is
+    reported beside it. Dice is computed on the 256 x 256 grid, sigmoid > 0.5.
+
+    Returns:
+        ``{"pred": (B, 1, 256, 256) float {0, 1} (IoU-chosen), "label", "dice": (B,) of the
+        IoU-chosen mask, "dice_oracle": (B,), "chosen": (B,) long}``.
+    """
+    logits, iou = predict_batch(model, batch, device, amp)
+    label = batch["label"].to(logits.device)
+    per_mask = dice_per_mask(logits, label)
+    chosen = iou.argmax(dim=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    pred = (logits[rows, chosen] > 0).float()[:, None]
+    return {"pred": pred, "label": label, "dice": per_mask[rows, chosen], "dice_oracle": per_mask.max(dim=1).values,
+            "chosen": chosen}
