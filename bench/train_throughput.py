@@ -1,6 +1,6 @@
 """Training throughput of ConMoAE-SAM: images/s per process for one optimizer step.
 
-Each step is the trainer's own ``medsegx_training.engine.train_one_epoch`` (normalise,
+Each step is the trainer's own ``medsegx_training.engine.train_one_epoch`` (``medsegx.steps.training_loss``:
 forward, Dice + BCE min-over-masks loss, backward, AdamW step on the trainable parameters
 only) on an in-memory batch of synthetic 256 x 256 images, so data loading from disk is
 not included. A few warm-up steps are run first and not timed.
@@ -30,10 +30,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medsegx.build import build_model
+from medsegx.items import PixelNormalize, item_from_arrays
+from medsegx.steps import build_optimizer, set_train_mode
 from medsegx.taxonomy import resolve
 
 from medsegx_training.distributed import DistEnv
-from medsegx_training.engine import LRSchedule, set_train_mode, train_one_epoch
+from medsegx_training.engine import LRSchedule, train_one_epoch
 
 # MedSegDB ID test set size (spec); the train split size is not in the spec.
 ID_TEST_IMAGES = 327_732
@@ -44,25 +46,19 @@ PAPER_GPUS = 8
 
 
 class SyntheticBatch(Dataset):
-    """``length`` items cycling over ``distinct`` random ellipse images, in the reader's dict format."""
+    """``length`` items cycling over ``distinct`` random ellipse images, in the one item format (``medsegx.items``)."""
 
     def __init__(self, length: int, distinct: int = 8, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         rows, cols = np.mgrid[0:256, 0:256]
         self.items = []
-        context = torch.tensor(resolve("Liver", "CT").indices, dtype=torch.long)
+        context = resolve("Liver", "CT").indices
         for _ in range(distinct):
             centre, radius = rng.uniform(80, 176, 2), rng.uniform(20, 50, 2)
             mask = ((rows - centre[0]) / radius[0]) ** 2 + ((cols - centre[1]) / radius[1]) ** 2 <= 1
             image = np.where(mask, 180.0, 60.0) + rng.normal(0, 12, (256, 256))
-            ys, xs = np.nonzero(mask)
-            self.items.append({
-                "image": torch.from_numpy(np.clip(image, 0, 255)).float().expand(3, -1, -1).contiguous(),
-                "mask": torch.from_numpy(mask).float()[None],
-                "box": torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32),
-                "context": context,
-                "path": "synthetic",
-            })
+            pixels = np.clip(image, 0, 255).astype(np.uint8)
+            self.items.append({**item_from_arrays(pixels, mask, context, PixelNormalize()), "path": "synthetic"})
         self.length = length
 
     def __len__(self) -> int:
@@ -78,7 +74,7 @@ def measure(backbone: str, pretrained: bool, device: torch.device, batch: int, w
     torch.manual_seed(0)
     model = build_model(backbone, device=device, pretrained=pretrained)
     set_train_mode(model)
-    optimizer = torch.optim.AdamW([p for _, p in model.named_trainable_parameters()], lr=1e-4, weight_decay=0.01)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.01)
     env = DistEnv(device=device)
     schedule = LRSchedule(base_lr=1e-4, total_steps=warmup + steps, kind="constant")
 

@@ -13,19 +13,15 @@ Images are ``H x W x 3`` uint8, ground truths ``H x W`` uint8 {0, 1}, with the s
 name in both folders. The ``<Modality>_<Target>`` folder name is split at its first
 underscore and resolved to the ConMoAE context with ``medsegx.taxonomy.resolve``.
 
-Every item is a dict in the 256 x 256 model input frame::
+Every item is the one model item of ``medsegx.items`` (the predictor's own transform:
+longest side resized to 256, normalised, zero-padded bottom/right), plus the file::
 
-    {"image":   float32 (3, 256, 256), values 0..255,
-     "mask":    float32 (1, 256, 256), values {0, 1},
-     "box":     float32 (4,), XYXY pixel indices in the 256 frame,
-     "context": int64 (5,), (modality, level1, level2, level3, task),
-     "path":    str, the image file}
+    {"image": float32 (3, 256, 256), "label": float32 (1, 256, 256) {0, 1},
+     "box": float32 (4,) XYXY in the 256 frame, "valid_hw": int64 (2,),
+     "context": int64 (5,), "path": str}
 
-Images that are not 256 x 256 (the release is) are resized so that the longest side is
-256 (image bilinear with antialiasing, mask nearest-exact) and zero-padded bottom/right,
-the frame of ``docs/ARCHITECTURE.md``. The padding is 0 in the raw 0..255 range; note that
-the predictor pads *after* ``model.normalize``, so padded training images are not
-bit-identical to what the predictor feeds the model.
+so that a MedSegDB case, a datastore slice in the app's train task and a request to the
+predictor give the model bit-identical inputs for the same pixels.
 """
 
 from __future__ import annotations
@@ -34,18 +30,17 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medsegx import taxonomy
-from medsegx.items import TRAIN_BOX_JITTER
+from medsegx.items import TRAIN_BOX_JITTER, PixelNormalize, item_from_arrays, jitter_box
 from medsegx.transforms import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -355,6 +350,8 @@ class MedSegDBDataset(Dataset):
         generator: optional RNG for the jitter.
         skip_empty: drop records whose mask is empty (default). With ``False`` an empty
             mask gets the whole-image box.
+        normalize: the model's pixel normalisation (default SAM's, ``medsegx.items.PixelNormalize``,
+            which every backbone uses; picklable, so DataLoader workers can run it).
 
     Raises:
         ValueError: if ``jitter`` is negative or ``records`` is empty.
@@ -366,6 +363,7 @@ class MedSegDBDataset(Dataset):
         jitter: int = 0,
         generator: torch.Generator | None = None,
         skip_empty: bool = True,
+        normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
             raise ValueError(f"jitter must be an integer >= 0 (pixels), got {jitter!r}")
@@ -373,6 +371,7 @@ class MedSegDBDataset(Dataset):
             raise ValueError("records is empty: nothing to read")
         self.jitter = jitter
         self.generator = generator
+        self.normalize = normalize or PixelNormalize()
         self.skipped_empty = 0
         records = list(records)
         if skip_empty:
@@ -395,35 +394,10 @@ class MedSegDBDataset(Dataset):
             raise ValueError(
                 f"ground truth {record.gt_path} is {mask.shape} but image {record.image_path} is {image.shape[:2]}"
             )
-        height, width = mask.shape
-        scale = IMAGE_SIZE / max(height, width)
-        valid_height, valid_width = max(1, round(height * scale)), max(1, round(width * scale))
-
-        image_tensor = torch.from_numpy(image).permute(2, 0, 1).float()  # (3, H, W)
-        mask_tensor = torch.from_numpy(mask).float()[None]  # (1, H, W)
-        if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):
-            image_tensor, mask_tensor = _resize_and_pad(image_tensor, mask_tensor, valid_height, valid_width)
-
-        box = self._box(mask, scale, valid_height, valid_width)
-        return {
-            "image": image_tensor,
-            "mask": mask_tensor,
-            "box": box,
-            "context": torch.tensor(record.context, dtype=torch.long),
-            "path": str(record.image_path),
-        }
-
-    def _box(self, mask: np.ndarray, scale: float, valid_height: int, valid_width: int) -> torch.Tensor:
-        """XYXY box of ``mask`` (original frame) in the 256 frame, jittered outwards."""
-        rows, cols = np.nonzero(mask)
-        if rows.size == 0:
-            return torch.tensor([0.0, 0.0, valid_width - 1.0, valid_height - 1.0])
-        box = torch.tensor([cols.min(), rows.min(), cols.max(), rows.max()], dtype=torch.float32) * scale
-        if self.jitter > 0:
-            shifts = torch.randint(0, self.jitter, (4,), generator=self.generator).float()
-            box = box + shifts * torch.tensor([-1.0, -1.0, 1.0, 1.0])
-        upper = torch.tensor([valid_width - 1.0, valid_height - 1.0] * 2)
-        return torch.minimum(box.clamp_min(0.0), upper)
+        item = item_from_arrays(image, mask, record.context, self.normalize, allow_empty=True)
+        if self.jitter > 0 and mask.any():
+            item["box"] = jitter_box(item["box"], item["valid_hw"], self.jitter, generator=self.generator)
+        return {**item, "path": str(record.image_path)}
 
 
 def _load_image(path: Path) -> np.ndarray:
@@ -446,27 +420,6 @@ def _load_mask(path: Path) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"ground truth {path} has shape {mask.shape}, expected H x W")
     return mask > 0
-
-
-def _resize_and_pad(
-    image: torch.Tensor, mask: torch.Tensor, valid_height: int, valid_width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Longest-side resize to 256 then bottom/right zero padding.
-
-    Args:
-        image: ``(3, H, W)`` float 0..255.
-        mask: ``(1, H, W)`` float {0, 1}.
-        valid_height: resized height (``round(H * 256 / max(H, W))``).
-        valid_width: resized width.
-
-    Returns:
-        ``(3, 256, 256)`` image and ``(1, 256, 256)`` mask.
-    """
-    size = (valid_height, valid_width)
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    mask = F.interpolate(mask[None], size=size, mode="nearest-exact")[0]
-    padding = (0, IMAGE_SIZE - valid_width, 0, IMAGE_SIZE - valid_height)  # left, right, top, bottom
-    return F.pad(image.clamp(0.0, 255.0), padding), F.pad(mask, padding)
 
 
 class MedSegDBIDDataset(MedSegDBDataset):

@@ -83,7 +83,7 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 
 def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int],
                      normalize: Callable[[torch.Tensor], torch.Tensor],
-                     device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                     device: torch.device | str | None = None, allow_empty: bool = False) -> dict[str, torch.Tensor]:
     """A prepared slice and its structure mask -> the tensors of one training item (exact box).
 
     Args:
@@ -93,6 +93,8 @@ def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int]
         normalize: ``model.normalize`` (the predictor's normalisation).
         device: where the image is resized and normalised (the model's device, as the
             predictor does); the other tensors stay on the CPU.
+        allow_empty: an empty mask gets the whole valid area as its box instead of an error
+            (MedSegDB readers that keep empty cases).
 
     Returns:
         ``{"image": (3, 256, 256) float normalised and padded, "label": (1, 256, 256) float,
@@ -106,7 +108,11 @@ def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int]
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     tensor, info = to_model_input(image, normalize, device)
-    box = box_to_model(mask_box(mask), info)
+    if allow_empty and not np.asarray(mask).any():
+        height, width = info.resized_size
+        box = np.array([0.0, 0.0, width - 1.0, height - 1.0], dtype=np.float32)
+    else:
+        box = box_to_model(mask_box(mask), info)
     return {
         "image": tensor[0],
         "label": mask_to_model(mask, info),

@@ -30,7 +30,7 @@ from medsegx_training.config import (
     load_train_config,
     train_config_from_args,
 )
-from medsegx_training.data import eval_loader
+from medsegx_training.loaders import eval_loader
 from medsegx_training.distributed import DistEnv
 from medsegx_training.engine import LRSchedule, evaluate
 from medsegx_training.reporting import read_steps

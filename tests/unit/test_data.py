@@ -1,4 +1,4 @@
-"""medsegx.data: MedSegDB layouts, pairing errors, empty masks, boxes, context."""
+"""medsegx.data: MedSegDB layouts, pairing errors, empty masks, boxes, context; items in the one model-item format."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from medsegx import taxonomy
+from medsegx.items import PixelNormalize
+from medsegx.transforms import to_model_input
 from medsegx.data import (
     OOD_PERCENTS,
     TRAIN_BOX_JITTER,
@@ -75,13 +77,13 @@ def test_id_layout_round_trip(id_root: Path):
         image = np.load(record.image_path)
         gt = np.load(record.gt_path)
         assert item["image"].dtype == torch.float32 and item["image"].shape == (3, 256, 256)
-        assert item["mask"].dtype == torch.float32 and item["mask"].shape == (1, 256, 256)
+        assert item["label"].dtype == torch.float32 and item["label"].shape == (1, 256, 256)
         assert item["box"].dtype == torch.float32 and item["box"].shape == (4,)
         assert item["context"].dtype == torch.long and item["context"].shape == (5,)
         assert item["path"] == str(record.image_path)
-        # 256 x 256 input: bit-exact passthrough, exact box at jitter 0.
-        assert torch.equal(item["image"], torch.from_numpy(image).permute(2, 0, 1).float())
-        assert torch.equal(item["mask"][0], torch.from_numpy(gt).float())
+        # 256 x 256 input: the pixels normalised exactly as the predictor does, exact box at jitter 0.
+        assert torch.equal(item["image"], PixelNormalize()(torch.from_numpy(image).permute(2, 0, 1).float()))
+        assert torch.equal(item["label"][0], torch.from_numpy(gt).float())
         assert item["box"].tolist() == tight_box(gt)
         expected = taxonomy.resolve(record.target, record.modality).indices
         assert item["context"].tolist() == list(expected)
@@ -96,7 +98,7 @@ def test_id_dataset_filter_and_missing_dataset(id_root: Path):
 def test_dataloader_collates(id_root: Path):
     batch = next(iter(DataLoader(MedSegDBIDDataset(id_root), batch_size=4)))
     assert batch["image"].shape == (4, 3, 256, 256)
-    assert batch["mask"].shape == (4, 1, 256, 256)
+    assert batch["label"].shape == (4, 1, 256, 256)
     assert batch["box"].shape == (4, 4)
     assert batch["context"].shape == (4, 5)
     assert len(batch["path"]) == 4
@@ -139,11 +141,12 @@ def test_ood_dataset_resizes_64_to_256(ood_root: Path):
         item = dataset[index]
         gt = np.load(dataset.records[index].gt_path)
         assert item["image"].shape == (3, 256, 256)
-        assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 255.0
-        assert set(torch.unique(item["mask"]).tolist()) <= {0.0, 1.0}
+        image = np.load(dataset.records[index].image_path)
+        assert torch.equal(item["image"], to_model_input(image, PixelNormalize())[0][0])  # the predictor's input
+        assert set(torch.unique(item["label"]).tolist()) <= {0.0, 1.0}
         # Nearest-exact upscaling by 4 repeats every pixel into a 4x4 block.
         expected_mask = np.kron(gt, np.ones((4, 4)))
-        assert np.array_equal(item["mask"][0].numpy(), expected_mask)
+        assert np.array_equal(item["label"][0].numpy(), expected_mask)
         assert item["box"].tolist() == [4.0 * value for value in tight_box(gt)]
 
 
@@ -167,11 +170,11 @@ def test_non_square_image_is_resized_longest_side_and_padded(tmp_path: Path):
     write_case(tmp_path / "Synth" / "CT_Liver", "case", image, gt)
     item = MedSegDBIDDataset(tmp_path)[0]
     assert item["image"].shape == (3, 256, 256)
-    assert torch.allclose(item["image"][:, :128], torch.tensor(200.0))
-    assert torch.all(item["image"][:, 128:] == 0)  # bottom padding
-    assert torch.all(item["mask"][:, 128:] == 0)
+    assert torch.allclose(item["image"][:, :128], PixelNormalize()(torch.full((3, 1, 1), 200.0)))
+    assert torch.all(item["image"][:, 128:] == 0)  # bottom padding, after normalisation
+    assert torch.all(item["label"][:, 128:] == 0)
     assert item["box"].tolist() == [40.0, 32.0, 116.0, 60.0]  # tight box x4
-    assert tight_box(item["mask"][0].numpy()) == [40.0, 32.0, 119.0, 63.0]
+    assert tight_box(item["label"][0].numpy()) == [40.0, 32.0, 119.0, 63.0]
 
 
 def test_unpaired_image_raises_naming_file_and_folder(id_root: Path):
@@ -219,7 +222,7 @@ def test_empty_masks_are_skipped_and_counted(id_root: Path, caplog):
     kept = MedSegDBIDDataset(id_root, skip_empty=False)
     assert kept.skipped_empty == 0 and len(kept) == 9
     empty_item = kept[0]
-    assert empty_item["mask"].sum() == 0
+    assert empty_item["label"].sum() == 0
     assert empty_item["box"].tolist() == [0.0, 0.0, 255.0, 255.0]
 
 

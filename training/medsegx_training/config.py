@@ -185,7 +185,7 @@ class EvalConfig:
     """One evaluation run: a checkpoint on one or more test sets.
 
     ``data`` holds one ``DataConfig`` per test set; each image's split in the summary is
-    ``id`` or its OOD shift (``medsegx_training.data.split_name``).
+    ``id`` or its OOD shift (``medsegx_training.loaders.split_name``).
     """
 
     output_dir: str

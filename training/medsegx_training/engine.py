@@ -1,7 +1,11 @@
 """One training epoch and one evaluation pass; no files, no process setup.
 
 Both take the model as built by ``medsegx.build`` (optionally wrapped in
-``DistributedDataParallel``) and batches of ``medsegx.data.MedSegDBDataset`` dicts.
+``DistributedDataParallel``) and batches of ``medsegx.data.MedSegDBDataset`` items (the one
+item format of ``medsegx.items``). The forward pass, the loss over the three masks, the
+IoU-head loss, autocast and the train-mode policy are ``medsegx.steps``' (the app's train task
+runs the same functions); what is the offline trainer's own is here: gradient accumulation
+across micro-batches and DDP ranks, the per-step learning rate, and the reporting metrics.
 """
 
 from __future__ import annotations
@@ -14,16 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import dice, dice_per_mask, hd95, nsd
+from medsegx.steps import predict_batch, set_train_mode, training_loss, unwrap
 
-from medsegx_training.data import micro_batch_sizes
+from medsegx_training.loaders import micro_batch_sizes
 from medsegx_training.distributed import DistEnv, all_reduce_sum
 
 logger = logging.getLogger(__name__)
@@ -59,41 +62,6 @@ class LRSchedule:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-# -- modes and helpers --------------------------------------------------------------------------
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def set_train_mode(model: nn.Module) -> None:
-    """Train mode, but frozen BatchNorm layers (TinyViT's convolutions) keep their running stats."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters()):
-            module.eval()
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPU (paper-scale runs); a no-op on CPU."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
-    non_blocking = device.type == "cuda"
-    return tuple(batch[key].to(device, non_blocking=non_blocking) for key in ("image", "mask", "box", "context"))
-
-
-def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(B, M) IoU of every thresholded mask with the target (1 where both are empty)."""
-    pred = torch.sigmoid(logits.float()) > threshold
-    truth = target > 0.5
-    intersection = (pred & truth).sum(dim=(2, 3)).float()
-    union = (pred | truth).sum(dim=(2, 3)).float()
-    return torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -137,14 +105,14 @@ def train_one_epoch(
     (the epoch's remainder) is averaged over the images it has.
 
     Args:
-        model: ``MedSegXModel`` or its DDP wrapper, in train mode.
-        loader: from ``medsegx_training.data.train_loader`` (``set_epoch`` already called).
+        model: ``MedSegXModel`` or its DDP wrapper (``medsegx.steps.set_train_mode`` per step).
+        loader: from ``medsegx_training.loaders.train_loader`` (``set_epoch`` already called).
         optimizer: over the trainable parameters only.
         schedule: optimizer step -> learning rate, set before every step.
         env: this process.
         global_step: optimizer steps done before this epoch.
         accumulation: micro-batches per optimizer step.
-        loss_fn: per-sample loss (default ``DiceBCEMinLoss(reduction="none")``).
+        loss_fn: its ``per_mask`` gives the per-sample loss (default ``DiceBCEMinLoss``).
         iou_loss_weight: weight of MSE(predicted IoU, actual IoU) over the 3 masks (0: off).
         amp: bf16 autocast on GPU.
         max_steps: stop after this many optimizer steps.
@@ -154,8 +122,6 @@ def train_one_epoch(
     Returns:
         ``EpochStats`` with the global mean loss and oracle Dice over the images trained on.
     """
-    loss_fn = loss_fn or DiceBCEMinLoss(reduction="none")
-    raw_model = unwrap(model)
     sizes = micro_batch_sizes(loader)
     if max_steps is not None:
         sizes = sizes[: max_steps * accumulation]
@@ -178,22 +144,14 @@ def train_one_epoch(
         if position == 0:
             lr = schedule(step)
             set_lr(optimizer, lr)
-        images, masks, boxes, context = _to_device(batch, device)
         sync = contextlib.nullcontext() if (last_in_step or not is_ddp) else model.no_sync()
         with sync:
-            with autocast(device, amp):
-                logits, iou_pred, _ = model(raw_model.normalize(images), boxes, context)
-            per_sample = loss_fn(logits.float(), masks)
-            objective = per_sample
-            if iou_loss_weight > 0:
-                actual_iou = mask_iou(logits.detach(), masks)
-                objective = per_sample + iou_loss_weight * F.mse_loss(iou_pred.float(), actual_iou,
-                                                                      reduction="none").mean(dim=1)
-            (objective.sum() / step_images[cycle]).backward()
+            output = training_loss(model, batch, loss_fn, device, amp, iou_loss_weight)
+            (output.objective.sum() / step_images[cycle]).backward()
         with torch.no_grad():
-            batch_dice = dice_per_mask(logits.detach(), masks).max(dim=1).values
-            step_totals += torch.stack([objective.detach().sum().double(), batch_dice.sum().double(),
-                                        torch.tensor(float(len(per_sample)), dtype=torch.float64, device=device)])
+            batch_dice = dice_per_mask(output.logits, output.label).max(dim=1).values
+            step_totals += torch.stack([output.objective.detach().sum().double(), batch_dice.sum().double(),
+                                        torch.tensor(float(len(batch_dice)), dtype=torch.float64, device=device)])
         if not last_in_step:
             continue
         optimizer.step()
@@ -272,7 +230,7 @@ def evaluate(
 
     Args:
         model: ``MedSegXModel`` (or DDP wrapper: the inner model is used).
-        loader: from ``medsegx_training.data.eval_loader`` (jitter 0).
+        loader: from ``medsegx_training.loaders.eval_loader`` (jitter 0).
         env: this process.
         amp: bf16 autocast on GPU (logits are compared in float32).
         surface: compute HD95 / NSD besides Dice.
@@ -283,18 +241,16 @@ def evaluate(
         ranks with ``medsegx_training.distributed.gather_objects``.
     """
     raw_model = unwrap(model)
-    was_training = raw_model.training
-    raw_model.eval()
+    decoder = getattr(raw_model, "mask_decoder", None)
+    was_training = decoder is not None and decoder.training  # set_train_mode's mark
     rows: list[dict] = []
     try:
         for batch in tqdm(loader, desc=description, disable=not (progress and env.is_main), dynamic_ncols=True,
                           leave=False):
-            images, masks, boxes, context = _to_device(batch, env.device)
-            with autocast(env.device, amp):
-                logits, iou_pred, _ = raw_model(raw_model.normalize(images), boxes, context)
-            logits = logits.float().cpu().numpy()
-            iou_pred = iou_pred.float().cpu().numpy()
-            gts = masks[:, 0].cpu().numpy()
+            logits, iou_pred = predict_batch(raw_model, batch, env.device, amp)
+            logits = logits.cpu().numpy()
+            iou_pred = iou_pred.cpu().numpy()
+            gts = batch["label"][:, 0].numpy()
             for path, image_logits, image_iou, gt in zip(batch["path"], logits, iou_pred, gts):
                 rows.append({"path": path, **image_metrics(image_logits, image_iou, gt, surface, nsd_tolerance)})
     finally:

@@ -30,7 +30,7 @@ import numpy as np
 from medsegx.build import build_model
 
 from medsegx_training.config import EvalConfig, build_eval_parser, eval_config_from_args, save_config
-from medsegx_training.data import describe_dataset, eval_loader, shared_dataset, split_name
+from medsegx_training.loaders import describe_dataset, eval_loader, shared_dataset, split_name
 from medsegx_training.distributed import DistEnv, barrier, cleanup_distributed, gather_objects, init_distributed
 from medsegx_training.engine import evaluate
 from medsegx_training.trainer import run_cli

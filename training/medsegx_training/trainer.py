@@ -29,9 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from medsegx.build import build_model, count_parameters
 from medsegx.modeling import MedSegXModel
+from medsegx.steps import build_optimizer, set_train_mode
 
 from medsegx_training.config import ConfigError, TrainConfig, build_train_parser, save_config, train_config_from_args
-from medsegx_training.data import describe_dataset, eval_loader, micro_batch_sizes, shared_dataset, train_loader
+from medsegx_training.loaders import describe_dataset, eval_loader, micro_batch_sizes, shared_dataset, train_loader
 from medsegx_training.distributed import (
     DistEnv,
     barrier,
@@ -42,7 +43,7 @@ from medsegx_training.distributed import (
     seed_everything,
     set_deterministic,
 )
-from medsegx_training.engine import LRSchedule, evaluate, mean_dice, set_train_mode, train_one_epoch
+from medsegx_training.engine import LRSchedule, evaluate, mean_dice, train_one_epoch
 from medsegx_training.reporting import RunRecorder
 from medsegx_training.state import (
     BEST_CHECKPOINT,
@@ -157,8 +158,7 @@ def _run(config: TrainConfig, env: DistEnv) -> TrainResult:
     model = build_training_model(config, env.device)
     total, trainable = count_parameters(model)
     logger.info("model %s: %.2f M parameters, %.2f M trainable", config.backbone, total / 1e6, trainable / 1e6)
-    optimizer = torch.optim.AdamW([param for _, param in model.named_trainable_parameters()], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
 
     loader = train_loader(train_set, config.batch_size, env, config.seed, config.num_workers)
     steps_per_epoch = math.ceil(len(micro_batch_sizes(loader)) / accumulation)
