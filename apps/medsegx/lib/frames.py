@@ -42,6 +42,25 @@ def picture_to_rgb(array_xy: np.ndarray) -> np.ndarray:
     return prepare_intensity(image_hw, "Endos")  # an RGB modality: keeps 0..255, rescales others
 
 
+def loaded_volume_xyz(array: np.ndarray) -> np.ndarray:
+    """A volume (not a picture) as MONAI's ``LoadImage`` returns it -> ``(X, Y, Z)``.
+
+    A trailing channel of size 1 is dropped and a 2D NIfTI / DICOM frame becomes a one-slice
+    volume (``Z = 1``); the infer task and the labelled-slice reader both clean up this way.
+
+    Raises:
+        ValueError: the array is not 3D after that.
+    """
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D volume or a 2D picture, the image has shape {array.shape}")
+    return array
+
+
 def volume_to_zhw(volume_xyz: np.ndarray) -> np.ndarray:
     """``(X, Y, Z)`` -> ``(Z, Y, X)`` view."""
     return np.transpose(volume_xyz, (2, 1, 0))

@@ -44,7 +44,14 @@ from medsegx.slices import MIN_STRUCTURE_PIXELS, SliceSample, evenly_spaced, str
 from medsegx.taxonomy import resolve
 
 from lib.modality import choose_modality
-from lib.frames import PreparedVolumes, intensity_signature, is_picture, picture_to_rgb, volume_to_zhw
+from lib.frames import (
+    PreparedVolumes,
+    intensity_signature,
+    is_picture,
+    loaded_volume_xyz,
+    picture_to_rgb,
+    volume_to_zhw,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -182,12 +189,10 @@ def load_image(path: str, requested_modality: str | None = None) -> LoadedImage:
             raise ValueError(f"picture {path} has shape {raw.shape}")
         modality = choose_modality(requested_modality, path, raw)
         return LoadedImage(path, picture_to_rgb(raw), True, modality.modality, modality.source)
-    if raw.ndim == 4 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim == 2:
-        raw = raw[..., None]
-    if raw.ndim != 3:
-        raise ValueError(f"image {path} has shape {raw.shape}: expected a 3D volume or a 2D picture")
+    try:
+        raw = loaded_volume_xyz(raw)
+    except ValueError as err:
+        raise ValueError(f"image {path}: {err}") from None
     modality = choose_modality(requested_modality, path, raw)
     return LoadedImage(path, raw, False, modality.modality, modality.source)
 
@@ -199,11 +204,7 @@ def label_stack(raw: np.ndarray, picture: bool) -> np.ndarray:
         if raw.ndim == 3:
             raw = raw[..., 0]  # an RGB(A) label picture: its values are in every channel
         return np.swapaxes(raw, 0, 1)[None]
-    if raw.ndim == 4 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim == 2:
-        raw = raw[..., None]
-    return volume_to_zhw(raw)
+    return volume_to_zhw(loaded_volume_xyz(raw))
 
 
 @dataclass
