@@ -31,9 +31,9 @@ import requests
 IMAGE = "ct_phantom"
 LABELLED = "ct_phantom"  # has a final label in the sample datastore; re-saved under tag "bench"
 BENCH_TAG = "bench"
-SPLEEN_BOX = [131, 91, 169, 131]  # x0, y0, x1, y1 of the sample phantom's spleen
+SPLEEN_BOX = [131, 169, 91, 131]  # i0, i1, j0, j1 of the sample phantom's spleen (Slicer's roi layout)
 SPLEEN_Z = (15, 44)
-LIVER_BOX = [17, 56, 99, 128]
+LIVER_BOX = [17, 99, 56, 128]
 LIVER_Z = (8, 47)
 
 

@@ -63,7 +63,11 @@ class MedSegXApp(MONAILabelApp):
             self._infers_threadpool = None
 
     def init_infers(self) -> dict[str, InferTask]:
-        return {name: task_config.infer() for name, task_config in self.models.items()}
+        infers: dict[str, InferTask] = {}
+        for name, task_config in self.models.items():
+            tasks = task_config.infer()
+            infers.update(tasks if isinstance(tasks, dict) else {name: tasks})
+        return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
         trainers = {name: task_config.trainer() for name, task_config in self.models.items()}
@@ -94,5 +98,10 @@ class MedSegXApp(MONAILabelApp):
 
     def info(self):
         info = super().info()
+        # The labels live in each model's entry (OHIF reads them there). The top-level list
+        # stays empty: the 0.8.5 Slicer plugin's "Next Sample" auto-runs a *segmentation*
+        # model for any top-level label found in a model's labels (MONAILabel.py initSample),
+        # and with no segmentation model it posts to /infer/ and shows an error popup.
+        info["labels"] = []
         info["medsegx"] = {**self.settings.summary(), "inference": self.infer_queue.status()}
         return info

@@ -46,6 +46,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["CacheStats", "Prediction", "Prediction3D", "Predictor", "context_indices"]
 
 SELECT_MODES = ("iou", "oracle")
+#: How clicks without a box are turned into a mask (``Predictor.predict_clicks``), chosen
+#: with ``bench/clicks.py``.
+CLICK_METHODS = ("scales", "grow", "refine", "points")
+CLICK_METHOD = "scales"
+#: ``scales``: candidate box sides, fractions of the image's longer side (geometric, 4 % .. 100 %).
+CLICK_SCALES = tuple(float(v) for v in np.geomspace(0.04, 1.0, 10))
+#: ``grow``: first box side as a fraction of the image's longer side, growth per round, rounds.
+CLICK_START_SIDE = 0.04
+CLICK_GROWTH = 0.5
+CLICK_GROW_ROUNDS = 12
+CLICK_ROUNDS = 2
+CLICK_BOX_MARGIN = 3.0
+#: Limit-box growth of a propagation started from clicks (a 3D box's is 0.1).
+CLICK_LIMIT_GROWTH = 0.5
 #: Logit offset of the stability score (segment-anything's ``calculate_stability_score``).
 STABILITY_OFFSET = 1.0
 
@@ -109,7 +123,8 @@ class Prediction:
             in the model frame (segment-anything's; 0 for an empty mask): near 1 for a
             crisp mask, lower when the decoder is unsure.
         expert_gates: ``(num_blocks, K)`` ConMoAE gate weights of the encoder pass.
-        box_model: ``(4,)`` the box as the model saw it (XYXY, 256 frame).
+        box_model: ``(4,)`` the box as the model saw it (XYXY, 256 frame); ``nan`` for a
+            points-only prompt.
         cache_hit: the embedding came from the cache (no encoder run).
         encode_ms: resize + normalise + image encoder (0 on a cache hit).
         decode_ms: prompt encoder + mask decoder.
@@ -235,7 +250,7 @@ class Predictor:
     def predict(
         self,
         image: np.ndarray,
-        box: Sequence[float] | np.ndarray,
+        box: Sequence[float] | np.ndarray | None,
         context: TaskContext | Sequence[int],
         points: Sequence[Sequence[float]] | np.ndarray | None = None,
         key: Hashable | None = None,
@@ -243,11 +258,13 @@ class Predictor:
         gt: np.ndarray | None = None,
         slice_index: int | None = None,
     ) -> Prediction:
-        """Segment the object in ``box`` on one prepared 2D image.
+        """Segment the object in ``box`` (and/or at ``points``) on one prepared 2D image.
 
         Args:
             image: ``(H, W, 3)`` or ``(H, W)`` uint8 (``prepare_intensity``).
             box: ``(x0, y0, x1, y1)`` inclusive pixel indices; clipped if partly outside.
+                ``None`` prompts with ``points`` alone (see ``predict_clicks`` for the
+                better way to segment from clicks).
             context: ``TaskContext`` or 5 ints ``(modality, level1, level2, level3, task)``.
             points: optional ``(N, 3)`` rows ``(x, y, label)`` in original pixels, label 1 =
                 foreground, 0 = background; added on top of the box.
@@ -267,8 +284,11 @@ class Predictor:
         """
         image = _as_rgb_uint8(image)
         height, width = image.shape[:2]
-        validate_box(box, (height, width))
         point_array = validate_points(points, (height, width))
+        if box is None and point_array is None:
+            raise ValueError("a prompt needs a box or at least one point")
+        if box is not None:
+            validate_box(box, (height, width))
         select = _check_select(select, gt, (height, width))
         context_tuple = context_indices(context)
         cache_key = (key if key is not None else _content_key(image), slice_index, context_tuple)
@@ -279,13 +299,13 @@ class Predictor:
     def _decode(self, entry: _Embedding, hit: bool, encode_ms: float, box, point_array, select, gt) -> Prediction:
         info = entry.info
         start = time.perf_counter()
-        box_model = box_to_model(box, info)
+        box_model = box_to_model(box, info) if box is not None else np.full(4, np.nan, dtype=np.float32)
         prompt_points = None
         if point_array is not None:
             coords = torch.from_numpy(points_to_model(point_array[:, :2], info))[None].to(self.device)
             labels = torch.from_numpy(point_array[:, 2].astype(np.int64))[None].to(self.device)
             prompt_points = (coords, labels)
-        boxes = torch.from_numpy(box_model)[None].to(self.device)
+        boxes = torch.from_numpy(box_model)[None].to(self.device) if box is not None else None
         logits, iou = self.model.decode(entry.embeddings, boxes, prompt_points)
         decode_ms = (time.perf_counter() - start) * 1000.0
 
@@ -318,6 +338,168 @@ class Predictor:
             decode_ms=decode_ms,
             post_ms=post_ms,
         )
+
+    # -- clicks -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict_clicks(
+        self,
+        image: np.ndarray,
+        points: Sequence[Sequence[float]] | np.ndarray,
+        context: TaskContext | Sequence[int],
+        key: Hashable | None = None,
+        slice_index: int | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        method: str = CLICK_METHOD,
+        rounds: int = CLICK_ROUNDS,
+        margin: float = CLICK_BOX_MARGIN,
+    ) -> Prediction:
+        """Segment the object under foreground clicks (optionally background clicks, a box).
+
+        LiteMedSAM was trained with boxes only: from points alone its masks are empty or
+        tiny (``bench/clicks.py``: mean Dice 0.00-0.07 for 1-3 clicks, against 0.77 for a
+        box). So the clicks choose a box: ``method="scales"`` (default) decodes boxes of
+        several sizes centred on the foreground clicks in one batch and keeps the crispest
+        mask (predicted IoU x stability) that covers the foreground and not the background
+        clicks, then decodes that mask's own box once more. ``"grow"`` starts from a small
+        box and grows it on every side the mask touches; ``"refine"`` takes the points-only
+        mask's box; ``"points"`` is the points-only mask. With a ``box`` given, box + clicks
+        are decoded once. Every candidate reuses one cached embedding: the extra cost is the
+        decoder's.
+
+        Args:
+            image: ``(H, W, 3)`` or ``(H, W)`` uint8.
+            points: ``(N, 3)`` rows ``(x, y, label)``, label 1 foreground / 0 background; at
+                least one foreground click.
+            context, key, slice_index: as ``predict``.
+            box: optional user box; then the clicks refine it.
+            method: one of ``CLICK_METHODS``.
+            rounds: box-refinement rounds of ``"refine"``.
+            margin: px added on every side of the mask's bounding box.
+
+        Returns:
+            ``Prediction`` of the last round; ``decode_ms`` / ``post_ms`` summed over rounds.
+
+        Raises:
+            ValueError: no foreground click, a point off the image, an unknown method.
+        """
+        if method not in CLICK_METHODS:
+            raise ValueError(f"method must be one of {', '.join(CLICK_METHODS)}, got {method!r}")
+        image = _as_rgb_uint8(image)
+        height, width = image.shape[:2]
+        point_array = validate_points(points, (height, width))
+        if point_array is None or not np.any(point_array[:, 2] == 1):
+            raise ValueError("clicks need at least one foreground point")
+        if box is not None:
+            return self.predict(image, box, context, points=point_array, key=key, slice_index=slice_index)
+        context_tuple = context_indices(context)
+        cache_key = (key if key is not None else _content_key(image), slice_index, context_tuple)
+        foreground = point_array[point_array[:, 2] == 1, :2]
+        with self._lock:
+            entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+            if method == "scales":
+                prediction, decode_ms, post_ms = self._scales_from_clicks(entry, hit, encode_ms, point_array,
+                                                                          margin, (height, width))
+            elif method == "grow":
+                prediction, decode_ms, post_ms = self._grow_from_clicks(entry, hit, encode_ms, foreground,
+                                                                        None, margin, (height, width))
+            else:
+                prediction = self._decode(entry, hit, encode_ms, None, point_array, "iou", None)
+                decode_ms, post_ms = prediction.decode_ms, prediction.post_ms
+                if method == "refine":
+                    for _ in range(rounds):
+                        box_xyxy = _click_box(prediction.mask, foreground, margin, (height, width))
+                        prediction = self._decode(entry, hit, encode_ms, box_xyxy, point_array, "iou", None)
+                        decode_ms += prediction.decode_ms
+                        post_ms += prediction.post_ms
+        prediction.decode_ms, prediction.post_ms = decode_ms, post_ms
+        return prediction
+
+    def _scales_from_clicks(self, entry, hit, encode_ms, point_array, margin, image_size):
+        """Boxes of several sizes on the clicks; keep the crispest mask that obeys them. Lock held.
+
+        Candidates are centred on the foreground clicks (each at least as large as their
+        bounding box) with sides ``CLICK_SCALES`` x the image's longer side, decoded in one
+        batch. Score: predicted IoU x stability, halved for every foreground click the mask
+        misses and every background click it covers. The best mask's own bounding box
+        (+ ``margin``) is decoded once more and kept when it scores no worse.
+
+        Returns ``(prediction, decode_ms, post_ms)``.
+        """
+        height, width = image_size
+        high = np.array([width - 1.0, height - 1.0, width - 1.0, height - 1.0])
+        foreground = point_array[point_array[:, 2] == 1, :2]
+        background = point_array[point_array[:, 2] == 0, :2]
+        low_xy, high_xy = foreground.min(axis=0), foreground.max(axis=0)
+        centre, extent = (low_xy + high_xy) / 2.0, high_xy - low_xy
+        boxes = []
+        for scale in CLICK_SCALES:
+            half = np.maximum(extent + 2 * margin, scale * max(height, width)) / 2.0
+            boxes.append(np.clip(np.concatenate([centre - half, centre + half]), 0.0, high))
+        start = time.perf_counter()
+        info = entry.info
+        box_tensor = torch.from_numpy(np.stack([box_to_model(b, info) for b in boxes]))
+        embeddings = entry.embeddings.expand(len(boxes), -1, -1, -1)
+        logits, iou = self.model.decode(embeddings, box_tensor.to(self.device))
+        decode_ms = (time.perf_counter() - start) * 1000.0
+        start = time.perf_counter()
+        best_index, best_score = 0, -1.0
+        for index in range(len(boxes)):
+            chosen = int(torch.argmax(iou[index]))
+            candidate_logits = logits[index, chosen].float()
+            unsure = int((candidate_logits > -STABILITY_OFFSET).sum())
+            stability = float((candidate_logits > STABILITY_OFFSET).sum()) / unsure if unsure else 0.0
+            mask = mask_from_model(candidate_logits, info)
+            score = float(iou[index, chosen]) * stability * _click_agreement(mask, foreground, background)
+            if score > best_score:
+                best_index, best_score = index, score
+        post_ms = (time.perf_counter() - start) * 1000.0
+        prediction = self._decode(entry, hit, encode_ms, boxes[best_index], None, "iou", None)
+        decode_ms, post_ms = decode_ms + prediction.decode_ms, post_ms + prediction.post_ms
+        mask = _component_at(prediction.mask, foreground)
+        if mask.any():
+            refined = self._decode(entry, hit, encode_ms, _click_box(mask, foreground, margin, image_size),
+                                   None, "iou", None)
+            decode_ms, post_ms = decode_ms + refined.decode_ms, post_ms + refined.post_ms
+            if _click_score(refined, foreground, background) >= _click_score(prediction, foreground, background):
+                prediction = refined
+        return prediction, decode_ms, post_ms
+
+    def _grow_from_clicks(self, entry, hit, encode_ms, foreground, prompt_points, margin, image_size):
+        """A small box on the clicks, grown on every side the mask touches, until it fits. Lock held.
+
+        Returns ``(prediction, decode_ms, post_ms)``, times summed over rounds.
+        """
+        height, width = image_size
+        limit = np.array([0.0, 0.0, width - 1.0, height - 1.0])
+        half = 0.5 * max(2.0, CLICK_START_SIDE * max(height, width))
+        box = np.array([foreground[:, 0].min() - half, foreground[:, 1].min() - half,
+                        foreground[:, 0].max() + half, foreground[:, 1].max() + half])
+        box = np.clip(box, limit[:2].tolist() * 2, limit[2:].tolist() * 2)
+        decode_ms = post_ms = 0.0
+        prediction = None
+        for _ in range(CLICK_GROW_ROUNDS):
+            prediction = self._decode(entry, hit, encode_ms, box, prompt_points, "iou", None)
+            decode_ms += prediction.decode_ms
+            post_ms += prediction.post_ms
+            mask = _component_at(prediction.mask, foreground)
+            side = max(box[2] - box[0], box[3] - box[1], 2.0)
+            if not mask.any():
+                grown = box + np.array([-1, -1, 1, 1]) * CLICK_GROWTH * side
+            else:
+                fitted = _click_box(mask, foreground, margin, image_size)
+                touching = np.abs(_mask_box(mask) - box) <= 1.0
+                touching &= np.abs(box - limit) > 0.5  # the image edge is no reason to grow
+                if not touching.any():
+                    if np.allclose(fitted, box, atol=1.0):
+                        break
+                    grown = fitted
+                else:
+                    grown = np.where(touching, box + np.array([-1, -1, 1, 1]) * CLICK_GROWTH * side, fitted)
+            grown = np.clip(grown, limit[:2].tolist() * 2, limit[2:].tolist() * 2)
+            if np.allclose(grown, box):
+                break
+            box = grown
+        return prediction, decode_ms, post_ms
 
     # -- 3D -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -374,25 +556,74 @@ class Predictor:
             ValueError: bad volume, box or context.
         """
         start_total = time.perf_counter()
-        volume = np.asarray(volume)
-        if volume.ndim == 4 and volume.shape[-1] == 1:
-            volume = volume[..., 0]
-        if not (volume.ndim == 3 or (volume.ndim == 4 and volume.shape[-1] == 3)):
-            raise ValueError(f"volume must be (Z, H, W) or (Z, H, W, 3), got shape {volume.shape}")
-        if volume.dtype != np.uint8:
-            raise ValueError(f"volume must be uint8 (prepare it with medsegx.transforms.prepare_volume), "
-                             f"got dtype {volume.dtype}")
+        volume = _check_volume(volume)
+        box_xy, z_first, z_last = validate_box3d(box3d, volume.shape[:3])
+        return self._propagate(volume, box_xy, None, (z_first + z_last) // 2, (z_first, z_last), context, key,
+                               margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio, start_total)
+
+    @torch.inference_mode()
+    def predict_3d_clicks(
+        self,
+        volume: np.ndarray,
+        points: Sequence[Sequence[float]] | np.ndarray,
+        slice_index: int,
+        context: TaskContext | Sequence[int],
+        key: Hashable | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        z_range: tuple[int, int] | None = None,
+        margin: int = 3,
+        min_pixels: int = 5,
+        limit_growth: float = CLICK_LIMIT_GROWTH,
+        min_score_ratio: float | None = 0.8,
+        min_stability_ratio: float | None = 0.9,
+    ) -> Prediction3D:
+        """Clicks on one slice, propagated through the structure as ``predict_3d`` does a 3D box.
+
+        Slice ``slice_index`` is segmented from its clicks (``predict_clicks``; with ``box``,
+        box + clicks). The propagation then runs both ways through ``z_range`` (default: the
+        whole volume) and stops where the object ends, with the stops of ``predict_3d``. The
+        limit box is the first mask's box grown by ``limit_growth`` x its longer side: a
+        click says less than a drawn box about how far the structure reaches, so the default
+        growth is larger than a 3D box's.
+
+        Args:
+            volume: prepared ``(Z, H, W)`` uint8.
+            points: ``(N, 3)`` rows ``(x, y, label)`` on ``slice_index``, at least one foreground.
+            slice_index: the clicked slice.
+            context, key: as ``predict_3d``.
+            box: optional ``(x0, y0, x1, y1)`` on the clicked slice.
+            z_range: inclusive ``(z0, z1)`` the propagation may reach.
+            margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio: as ``predict_3d``.
+
+        Raises:
+            ValueError: bad volume, slice, points or range.
+        """
+        start_total = time.perf_counter()
+        volume = _check_volume(volume)
+        depth = volume.shape[0]
+        if not 0 <= int(slice_index) < depth:
+            raise ValueError(f"slice_index {slice_index} is outside the volume (valid 0..{depth - 1})")
+        z_first, z_last = (0, depth - 1) if z_range is None else (max(0, int(z_range[0])), min(depth - 1, int(z_range[1])))
+        if not z_first <= int(slice_index) <= z_last:
+            raise ValueError(f"slice_index {slice_index} is outside z_range {z_range}")
+        point_array = validate_points(points, volume.shape[1:3])
+        if point_array is None or not np.any(point_array[:, 2] == 1):
+            raise ValueError("clicks need at least one foreground point")
+        box_xy = None if box is None else validate_box(box, volume.shape[1:3])
+        return self._propagate(volume, box_xy, point_array, int(slice_index), (z_first, z_last), context, key,
+                               margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio, start_total)
+
+    def _propagate(self, volume, box_xy, points, start_slice, z_range, context, key, margin, min_pixels,
+                   limit_growth, min_score_ratio, min_stability_ratio, start_total) -> Prediction3D:
+        """Segment ``start_slice`` (box and/or clicks), then propagate both ways through ``z_range``."""
         depth, height, width = volume.shape[:3]
-        box_xy, z_first, z_last = validate_box3d(box3d, (depth, height, width))
+        z_first, z_last = z_range
         ratios = (min_score_ratio, min_stability_ratio)
         if margin < 0 or min_pixels < 1 or limit_growth < 0 or any(r is not None and r < 0 for r in ratios):
             raise ValueError(f"need margin >= 0, min_pixels >= 1, limit_growth >= 0 and ratios >= 0 or None; got "
                              f"margin={margin}, min_pixels={min_pixels}, limit_growth={limit_growth}, "
                              f"min_score_ratio={min_score_ratio}, min_stability_ratio={min_stability_ratio}")
         context_tuple = context_indices(context)
-        grow = max(float(margin), limit_growth * max(box_xy[2] - box_xy[0], box_xy[3] - box_xy[1]))
-        limit = np.array([max(0.0, box_xy[0] - grow), max(0.0, box_xy[1] - grow),
-                          min(width - 1.0, box_xy[2] + grow), min(height - 1.0, box_xy[3] + grow)])
 
         mask = np.zeros((depth, height, width), dtype=bool)
         scores = np.full(depth, np.nan, dtype=np.float32)
@@ -401,10 +632,13 @@ class Predictor:
 
         def run(z: int, box, min_score: float = -np.inf, min_stability: float = -np.inf) -> Prediction:
             image = _as_rgb_uint8(volume[z], what=f"volume slice {z}")
-            cache_key = (key if key is not None else _content_key(image), z, context_tuple)
-            with self._lock:
-                entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
-                prediction = self._decode(entry, hit, encode_ms, box, None, "iou", None)
+            if z == start_slice and points is not None:
+                prediction = self.predict_clicks(image, points, context_tuple, key=key, slice_index=z, box=box)
+            else:
+                cache_key = (key if key is not None else _content_key(image), z, context_tuple)
+                with self._lock:
+                    entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+                    prediction = self._decode(entry, hit, encode_ms, box, None, "iou", None)
             totals["encode_ms"] += prediction.encode_ms
             totals["decode_ms"] += prediction.decode_ms
             totals["post_ms"] += prediction.post_ms
@@ -416,13 +650,18 @@ class Predictor:
                 mask[z] = prediction.mask
             return prediction
 
-        middle_slice = (z_first + z_last) // 2
-        middle = run(middle_slice, box_xy)
+        middle = run(start_slice, box_xy)
+        if box_xy is None:  # clicks alone: the first mask stands in for the user's box
+            box_xy = _mask_box(mask[start_slice]) if mask[start_slice].any() else None
+        if box_xy is not None:
+            grow = max(float(margin), limit_growth * max(box_xy[2] - box_xy[0], box_xy[3] - box_xy[1]))
+            limit = np.array([max(0.0, box_xy[0] - grow), max(0.0, box_xy[1] - grow),
+                              min(width - 1.0, box_xy[2] + grow), min(height - 1.0, box_xy[3] + grow)])
         min_score = -np.inf if min_score_ratio is None else min_score_ratio * middle.score
         min_stability = -np.inf if min_stability_ratio is None else min_stability_ratio * middle.stability
-        if mask[middle_slice].any():
+        if mask[start_slice].any():
             for step, stop in ((1, z_last), (-1, z_first)):
-                z = middle_slice
+                z = start_slice
                 while z != stop:
                     previous = mask[z]
                     z += step
@@ -433,8 +672,65 @@ class Predictor:
                     if not mask[z].any():
                         break
         totals["total_ms"] = (time.perf_counter() - start_total) * 1000.0
-        return Prediction3D(mask=mask, scores=scores, slices=sorted(segmented), middle_slice=middle_slice,
+        return Prediction3D(mask=mask, scores=scores, slices=sorted(segmented), middle_slice=start_slice,
                             middle=middle, timings=totals)
+
+
+def _check_volume(volume: np.ndarray) -> np.ndarray:
+    volume = np.asarray(volume)
+    if volume.ndim == 4 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if not (volume.ndim == 3 or (volume.ndim == 4 and volume.shape[-1] == 3)):
+        raise ValueError(f"volume must be (Z, H, W) or (Z, H, W, 3), got shape {volume.shape}")
+    if volume.dtype != np.uint8:
+        raise ValueError(f"volume must be uint8 (prepare it with medsegx.transforms.prepare_volume), "
+                         f"got dtype {volume.dtype}")
+    return volume
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+
+
+def _click_agreement(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> float:
+    """1, halved for each foreground click outside ``mask`` and each background click inside."""
+    def inside(points: np.ndarray) -> np.ndarray:
+        rows = np.clip(np.round(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
+        cols = np.clip(np.round(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
+        return mask[rows, cols]
+
+    misses = int((~inside(foreground)).sum()) + (int(inside(background).sum()) if len(background) else 0)
+    return 0.5 ** misses
+
+
+def _click_score(prediction: Prediction, foreground: np.ndarray, background: np.ndarray) -> float:
+    return prediction.score * prediction.stability * _click_agreement(prediction.mask, foreground, background)
+
+
+def _component_at(mask: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """The connected parts of ``mask`` under the foreground clicks (all of it if none is hit)."""
+    from scipy import ndimage
+
+    components, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    rows = np.clip(np.round(foreground[:, 1]).astype(int), 0, mask.shape[0] - 1)
+    cols = np.clip(np.round(foreground[:, 0]).astype(int), 0, mask.shape[1] - 1)
+    hit = {int(v) for v in components[rows, cols] if v}
+    return np.isin(components, list(hit)) if hit else mask
+
+
+def _click_box(mask: np.ndarray, foreground: np.ndarray, margin: float, image_size: tuple[int, int]) -> np.ndarray:
+    """Bounding box of ``mask`` and the foreground clicks, pushed out by ``margin``, clipped."""
+    height, width = image_size
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    xs = np.concatenate([cols.astype(np.float64), foreground[:, 0]])
+    ys = np.concatenate([rows.astype(np.float64), foreground[:, 1]])
+    box = np.array([xs.min() - margin, ys.min() - margin, xs.max() + margin, ys.max() + margin])
+    return np.clip(box, 0.0, [width - 1, height - 1, width - 1, height - 1])
 
 
 def _propagated_box(previous: np.ndarray, margin: int, limit: np.ndarray) -> np.ndarray | None:

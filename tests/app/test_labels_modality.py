@@ -2,23 +2,27 @@
 
 import numpy as np
 import pytest
-from lib.labels import SAMPLE_STRUCTURES, LabelMap
+from lib.labels import DEFAULT_LABELS, SAMPLE_STRUCTURES, LabelMap
 from lib.modality import choose_modality, detect_from_intensities
 
-from medsegx.taxonomy import label_names
+from medsegx.taxonomy import resolve
 
 
-def test_label_map_keeps_medsegdb_values_and_appends_new_names(tmp_path):
+def test_label_map_is_a_short_list_and_appends_new_names(tmp_path):
     labels = LabelMap(tmp_path)
-    tasks = label_names()
-    assert all(labels.labels[name] == value for name, value in tasks.items())
-    assert [labels.labels[name] for name in SAMPLE_STRUCTURES] == list(
-        range(len(tasks) + 1, len(tasks) + 1 + len(SAMPLE_STRUCTURES))
-    )
+    assert list(labels.labels) == list(DEFAULT_LABELS) and len(DEFAULT_LABELS) <= 30
+    assert list(DEFAULT_LABELS[: len(SAMPLE_STRUCTURES)]) == list(SAMPLE_STRUCTURES)
+    assert list(labels.labels.values()) == list(range(1, len(DEFAULT_LABELS) + 1))
+    assert all(resolve(name, "CT").task is not None for name in DEFAULT_LABELS)  # each names a MedSegDB task
     value, added = labels.value_of("renal cyst")
-    assert added and value == len(tasks) + len(SAMPLE_STRUCTURES) + 1
+    assert added and value == len(DEFAULT_LABELS) + 1
     assert labels.value_of("renal cyst") == (value, False)
     assert LabelMap(tmp_path).labels["renal cyst"] == value  # stable across restarts
+
+
+def test_label_map_from_a_site_list(tmp_path):
+    labels = LabelMap(tmp_path, ("hippocampus", "amygdala"))
+    assert labels.labels == {"hippocampus": 1, "amygdala": 2}
 
 
 def test_modality_precedence(tmp_path):

@@ -32,9 +32,9 @@ SLAB_HALF_DEPTH = 4
 
 
 def bounding_roi(mask_xyz: np.ndarray) -> list[int]:
-    """``[x0, y0, x1, y1, z0, z1]`` inclusive voxel indices of a mask in LoadImage's (i, j, k) order."""
+    """``[i0, i1, j0, j1, k0, k1]`` (Slicer's ROI layout) inclusive voxel indices of a mask in (i, j, k) order."""
     x, y, z = np.nonzero(mask_xyz)
-    return [int(x.min()), int(y.min()), int(x.max()), int(y.max()), int(z.min()), int(z.max())]
+    return [int(x.min()), int(x.max()), int(y.min()), int(y.max()), int(z.min()), int(z.max())]
 
 
 def http_error(call) -> tuple[int, str]:
@@ -87,29 +87,29 @@ def assert_same_grid(result_file: str, reference: nib.Nifti1Image) -> np.ndarray
 def test_info_lists_model_and_labels(client):
     info = client.info()
     model = info["models"][MODEL]
-    assert model["type"] == "annotation"
+    assert model["type"] == "deepgrow" and model["dimension"] == 3
+    assert info["models"][f"{MODEL}_labels"]["type"] == "vista3d"
     labels = model["labels"]
-    assert labels["Liver"] == 60  # a MedSegDB task keeps its task row + 1
-    for name in CT_LABELS:  # the sample structures are in the map too
-        assert name in labels
+    assert list(labels)[: len(CT_LABELS)] == list(CT_LABELS)  # the sample structures come first, values 1..
+    assert labels["liver"] == 1 and len(labels) <= 40
     assert len(set(labels.values())) == len(labels), "label values must be unique"
+    assert info["models"][f"{MODEL}_labels"]["labels"] == labels  # one label map for both entries
     assert info["medsegx"]["backbone"] == "lite"
-    assert "Liver" in info["labels"]
+    assert info["labels"] == []  # see main.py: keeps Slicer's Next Sample from an error popup
 
 
 def test_2d_box_on_ct_phantom(client, ct_phantom, latencies):
     image, label = ct_phantom
     liver = label == CT_LABELS["liver"]
-    x0, y0, x1, y1, z0, z1 = bounding_roi(liver)
+    x0, x1, y0, y1, z0, z1 = bounding_roi(liver)
     z = (z0 + z1) // 2
-    result_file, result = infer(client, "ct_phantom", {"label": "liver", "roi": [x0, y0, x1, y1, z, z]})
+    result_file, result = infer(client, "ct_phantom", {"label": "liver", "roi": [x0, x1, y0, y1, z, z]})
 
     predicted = assert_same_grid(result_file, image)
-    value = result["label_index"]
-    assert value == client.info()["models"][MODEL]["labels"]["liver"]
-    assert set(np.unique(predicted)) <= {0, value}
+    assert result["label_index"] == client.info()["models"][MODEL]["labels"]["liver"]
+    assert set(np.unique(predicted)) <= {0, 1}  # deepgrow entry: value 1, what Slicer imports
     assert not predicted[..., :z].any() and not predicted[..., z + 1:].any()
-    score = dice(predicted[..., z] == value, liver[..., z])
+    score = dice(predicted[..., z] == 1, liver[..., z])
     assert score >= DICE_MIN, result
 
     assert result["mode"] == "2d"
@@ -125,9 +125,9 @@ def test_2d_box_on_ct_phantom(client, ct_phantom, latencies):
 def test_2d_second_call_reuses_embedding(client, ct_phantom, latencies):
     image, label = ct_phantom
     liver = label == CT_LABELS["liver"]
-    x0, y0, x1, y1, z0, z1 = bounding_roi(liver)
+    x0, x1, y0, y1, z0, z1 = bounding_roi(liver)
     z = (z0 + z1) // 2 + 1  # a slice no other test encodes: the first call here is a cache miss
-    params = {"label": "liver", "roi": [x0, y0, x1, y1, z, z]}
+    params = {"label": "liver", "roi": [x0, x1, y0, y1, z, z]}
     _, first = infer(client, "ct_phantom", params)
     result_file, second = infer(client, "ct_phantom", params)
 
@@ -145,9 +145,9 @@ def test_2d_second_call_reuses_embedding(client, ct_phantom, latencies):
 def test_3d_box_on_ct_phantom(client, ct_phantom, latencies):
     image, label = ct_phantom
     kidney = label == CT_LABELS[KIDNEY]
-    x0, y0, x1, y1, z0, z1 = bounding_roi(kidney)
+    x0, x1, y0, y1, z0, z1 = bounding_roi(kidney)
     middle = (z0 + z1) // 2
-    roi = [x0, y0, x1, y1, middle - SLAB_HALF_DEPTH, middle + SLAB_HALF_DEPTH]
+    roi = [x0, x1, y0, y1, middle - SLAB_HALF_DEPTH, middle + SLAB_HALF_DEPTH]
     slab = slice(roi[4], roi[5] + 1)
     result_file, result = infer(client, "ct_phantom", {"label": KIDNEY, "roi": roi})
 
@@ -173,9 +173,9 @@ def test_dicom_series_reads_modality_from_the_header(client, sample_data):
     series = sample_data["dicom_series"]["ct_phantom_2"]
     truth = nib.load(sample_data["ground_truth"]["ct_phantom_2"])
     liver = np.asarray(truth.dataobj) == CT_LABELS["liver"]
-    x0, y0, x1, y1, z0, z1 = bounding_roi(liver)
+    x0, x1, y0, y1, z0, z1 = bounding_roi(liver)
     z = (z0 + z1) // 2
-    result_file, result = infer(client, series, {"label": "liver", "roi": [x0, y0, x1, y1], "slice": z})
+    result_file, result = infer(client, series, {"label": "liver", "roi": [x0, x1, y0, y1], "slice": z})
 
     assert result_file.endswith(".nii.gz")
     assert result["modality"] == "CT" and result["modality_source"] == "dicom"
@@ -187,7 +187,7 @@ def test_png_picture(client, sample_data):
     truth = np.asarray(Image.open(sample_data["labels"]["ct_slice_2d"]))  # (rows, cols)
     liver_xy = (truth == CT_LABELS["liver"]).T  # LoadImage's (x, y) order
     x, y = np.nonzero(liver_xy)
-    roi = [int(x.min()), int(y.min()), int(x.max()), int(y.max())]
+    roi = [int(x.min()), int(x.max()), int(y.min()), int(y.max())]
     result_file, result = infer(client, "ct_slice_2d", {"label": "liver", "roi": roi, "modality": "CT"})
 
     assert result_file.endswith(".png")
@@ -203,7 +203,7 @@ def test_uploaded_jpeg_picture(client, sample_data, tmp_path):
     Image.open(sample_data["images"]["ct_slice_2d"]).convert("RGB").save(jpeg, quality=95)
     truth = np.asarray(Image.open(sample_data["labels"]["ct_slice_2d"])) == CT_LABELS["liver"]
     x, y = np.nonzero(truth.T)
-    params = {"label": "liver", "roi": [int(x.min()), int(y.min()), int(x.max()), int(y.max())], "modality": "CT"}
+    params = {"label": "liver", "roi": [int(x.min()), int(x.max()), int(y.min()), int(y.max())], "modality": "CT"}
     result_file, result = client.infer(MODEL, "", params, file=str(jpeg))
 
     assert result_file.endswith(".png")
@@ -214,10 +214,10 @@ def test_uploaded_jpeg_picture(client, sample_data, tmp_path):
 
 def test_new_label_name_is_appended(client, ct_phantom):
     image, label = ct_phantom
-    x0, y0, x1, y1, z0, z1 = bounding_roi(label == CT_LABELS["aorta"])
+    x0, x1, y0, y1, z0, z1 = bounding_roi(label == CT_LABELS["aorta"])
     before = client.info()["models"][MODEL]["labels"]
     name = "abdominal aorta segment"
-    _, result = infer(client, "ct_phantom", {"label": name, "roi": [x0, y0, x1, y1, 20, 20]})
+    _, result = infer(client, "ct_phantom", {"label": name, "roi": [x0, x1, y0, y1, 20, 20]})
 
     assert result["label_added"] is True
     assert result["label_index"] == max(before.values()) + 1
@@ -228,19 +228,20 @@ def test_new_label_name_is_appended(client, ct_phantom):
     ("image_id", "params", "status", "message"),
     [
         ("ct_phantom", {"label": "liver", "roi": [500, 500, 600, 600, 10, 10]}, 422, "outside the image"),
-        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50, 100, 120]}, 422, "outside the image"),
-        ("no_such_image", {"label": "liver", "roi": [10, 10, 50, 50, 5, 5]}, 404, "not in the datastore"),
-        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50]}, 422, "roi must have 4"),
+        ("ct_phantom", {"label": "liver", "roi": [10, 50, 10, 50, 100, 120]}, 422, "outside the image along k"),
+        ("no_such_image", {"label": "liver", "roi": [10, 50, 10, 50, 5, 5]}, 404, "not in the datastore"),
+        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50]}, 422, "roi must have 6"),
         ("ct_phantom", {"label": "liver", "roi": "ten by ten"}, 422, "roi must be a list of numbers"),
-        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50]}, 422, "needs `slice`"),
-        ("ct_phantom", {"roi": [10, 10, 50, 50, 5, 5]}, 422, "label is required"),
-        ("ct_phantom", {"label": "liver"}, 422, "roi is required"),
-        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50, 5, 5], "modality": "XYZ"}, 422, "modality"),
-        ("ct_phantom", {"label": "liver", "roi": [10, 10, 50, 50, 5, 5], "foreground": [[400, 10]]}, 422,
+        ("ct_phantom", {"label": "liver", "roi": [10, 50, 10, 50]}, 422, "needs `slice`"),
+        ("ct_phantom", {"label": "liver", "background": [[10, 10, 5]]}, 422, "background clicks alone"),
+        ("ct_phantom", {"label": "liver"}, 422, "a prompt is required"),
+        ("ct_phantom", {"label_prompt": [999], "foreground": [[40, 90, 20]]}, 422, "label_prompt"),
+        ("ct_phantom", {"label": "liver", "roi": [10, 50, 10, 50, 5, 5], "modality": "XYZ"}, 422, "modality"),
+        ("ct_phantom", {"label": "liver", "roi": [10, 50, 10, 50, 5, 5], "foreground": [[400, 10, 5]]}, 422,
          "outside the image"),
     ],
     ids=["box-outside-xy", "box-outside-z", "unknown-image", "short-roi", "text-roi", "4-roi-on-volume",
-         "missing-label", "missing-roi", "unknown-modality", "click-outside"],
+         "background-only", "no-prompt", "unknown-label-prompt", "unknown-modality", "click-outside"],
 )
 def test_bad_request_is_4xx_and_server_keeps_serving(server, client, image_id, params, status, message):
     got_status, detail = http_error(lambda: client.infer(MODEL, image_id, params))
@@ -256,11 +257,11 @@ def test_published_checkpoint_is_loaded_without_restart(server, client, ct_phant
     from medsegx.checkpoint import save_checkpoint
 
     image, label = ct_phantom
-    x0, y0, x1, y1, z0, z1 = bounding_roi(label == CT_LABELS["liver"])
+    x0, x1, y0, y1, z0, z1 = bounding_roi(label == CT_LABELS["liver"])
     z = (z0 + z1) // 2
     published = server.app_dir / "model" / "medsegx.pth"
     save_checkpoint(build_model("lite"), published, metadata={"model_version": "test-published-1"})
-    _, result = infer(client, "ct_phantom", {"label": "liver", "roi": [x0, y0, x1, y1, z, z]})
+    _, result = infer(client, "ct_phantom", {"label": "liver", "roi": [x0, x1, y0, y1, z, z]})
 
     assert result["model_version"] == "test-published-1"
     assert result["model_checkpoint"] == str(published)

@@ -19,6 +19,20 @@ def test_defaults(tmp_path):
         settings.backbone = "vit_b"
 
 
+def test_labels_from_conf_or_a_file(tmp_path):
+    from lib.labels import DEFAULT_LABELS
+
+    assert AppSettings.from_conf({}, tmp_path).labels == DEFAULT_LABELS
+    assert AppSettings.from_conf({"labels": "liver, spleen,liver"}, tmp_path).labels == ("liver", "spleen")
+    listed = tmp_path / "labels.json"
+    listed.write_text('["hippocampus", "amygdala"]')
+    assert AppSettings.from_conf({"labels": str(listed)}, tmp_path).labels == ("hippocampus", "amygdala")
+    lines = tmp_path / "labels.txt"
+    lines.write_text("thalamus\n\nputamen\n")
+    settings = AppSettings.from_conf({"labels": str(lines), "default_label": "brain"}, tmp_path)
+    assert settings.labels == ("thalamus", "putamen") and settings.default_label == "brain"
+
+
 def test_configured_checkpoint_takes_the_pretrained_slot(tmp_path):
     checkpoint = tmp_path / "mine.pth"
     checkpoint.write_bytes(b"")
@@ -39,6 +53,8 @@ def test_configured_checkpoint_takes_the_pretrained_slot(tmp_path):
         ({"device": "tpu"}, "--conf device 'tpu' is not cpu, cuda, cuda:N or mps"),
         ({"tracking": "wandb"}, "--conf tracking 'wandb' is not mlflow or none"),
         ({"tracking_uri": "file:///tmp/mlruns"}, "MLflow 3 refuses the file store"),
+        ({"labels": "/nowhere/labels.json"}, "--conf labels: file not found: /nowhere/labels.json"),
+        ({"labels": " , "}, "names no structure"),
     ],
 )
 def test_bad_conf_is_one_line_naming_the_key(tmp_path, conf, message):

@@ -73,7 +73,7 @@ def liver_request(truth_path: str) -> dict:
     liver = np.asarray(nib.load(truth_path).dataobj) == TRAINED["liver"]
     x, y, z = np.nonzero(liver)
     middle = int(np.median(z))
-    return {"label": "liver", "roi": [int(x.min()), int(y.min()), int(x.max()), int(y.max()), middle, middle]}
+    return {"label": "liver", "roi": [int(x.min()), int(x.max()), int(y.min()), int(y.max()), middle, middle]}
 
 
 def wait_for_task(url: str, what: str, deadline_s: float = TASK_DEADLINE_S) -> dict:

@@ -369,6 +369,37 @@ def test_lite_3d_propagation_on_an_ellipsoid(lite_model):
     assert np.nanmin(result.scores[result.mask.any(axis=(1, 2))]) > 0.8
 
 
+def test_lite_one_click_segments_the_clicked_organ(lite_model):
+    shape = (384, 256)
+    organ = disk(shape, (150, 110), 40) | disk(shape, (180, 120), 35)
+    image = prepare_intensity(ct_phantom(shape, organ), "CT", LIVER)
+    predictor = Predictor(lite_model)
+    result = predictor.predict_clicks(image, [(115, 160, 1)], LIVER, key="organ")
+    assert dice(result.mask, organ) >= 0.85
+    assert predictor.cache_stats.misses == 1  # every candidate box reused one embedding
+    points_only = predictor.predict(image, None, LIVER, points=[(115, 160, 1)], key="organ")
+    assert dice(points_only.mask, organ) < dice(result.mask, organ)  # why clicks choose a box
+
+
+def test_clicks_need_a_foreground_point(tiny_model):
+    predictor = Predictor(tiny_model)
+    with pytest.raises(ValueError, match="at least one foreground"):
+        predictor.predict_clicks(grey_image(), [(10, 10, 0)], LIVER)
+    with pytest.raises(ValueError, match="method must be one of"):
+        predictor.predict_clicks(grey_image(), [(10, 10, 1)], LIVER, method="guess")
+    with pytest.raises(ValueError, match="a box or at least one point"):
+        predictor.predict(grey_image(), None, LIVER)
+
+
+def test_lite_3d_clicks_propagate_through_the_ellipsoid(lite_model):
+    volume, organ = ellipsoid_volume()
+    slices = np.flatnonzero(organ.any(axis=(1, 2)))
+    result = Predictor(lite_model).predict_3d_clicks(volume, [(85, 60, 1)], 24, LIVER, key="ellipsoid")
+    assert dice(result.mask, organ) >= 0.85
+    assert result.middle_slice == 24
+    assert not result.mask[: slices[0] - 1].any() and not result.mask[slices[-1] + 2:].any()
+
+
 # ----------------------------------------------------------------------------- CLI
 
 

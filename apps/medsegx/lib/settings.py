@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medsegx.build import BACKBONES
+
+from lib.labels import DEFAULT_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,11 @@ class AppSettings:
             (MLflow 3 refuses the ``file://`` store, ``docs/MONAILABEL_COMPAT.md`` #2).
         infer_queue: infer requests that may wait behind the running one; one more is
             answered 503 with ``Retry-After`` (``lib/concurrency.py``, ``docs/MONAILABEL_COMPAT.md`` #6).
+        labels: the structure names ``/info`` offers (value = position + 1), from
+            ``--conf labels "liver,spleen,..."`` or a file (JSON list, or one name a line);
+            default ``lib.labels.DEFAULT_LABELS``. Any other name still works in a request.
+        default_label: the structure assumed when a client names none (OHIF's deepgrow
+            clicks, a Slicer segment still called ``Segment_1``); ``""`` = modality only.
     """
 
     model_dir: Path
@@ -54,9 +62,12 @@ class AppSettings:
     tracking: str = "mlflow"
     tracking_uri: str = ""
     infer_queue: int = 8
+    labels: tuple[str, ...] = ()
+    default_label: str = ""
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
-    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri", "infer_queue")
+    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri", "infer_queue",
+            "labels", "default_label")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
@@ -106,6 +117,8 @@ class AppSettings:
             tracking=tracking,
             tracking_uri=tracking_uri,
             infer_queue=infer_queue,
+            labels=_label_names(conf.get("labels", "").strip()),
+            default_label=conf.get("default_label", "").strip(),
             unknown_keys=unknown,
         )
 
@@ -124,7 +137,33 @@ class AppSettings:
             "device": self.device,
             "cache_size": self.cache_size,
             "infer_queue": self.infer_queue,
+            "default_label": self.default_label,
         }
+
+
+def _label_names(value: str) -> tuple[str, ...]:
+    """``--conf labels``: comma-separated names, or a file (JSON list / one name a line)."""
+    if not value:
+        return DEFAULT_LABELS
+    path = Path(value).expanduser()
+    if path.is_file():
+        text = path.read_text()
+        try:
+            names = json.loads(text)
+        except ValueError:
+            names = text.splitlines()
+        if not isinstance(names, list):
+            raise AppConfigError(f"--conf labels {path}: a JSON file must hold a list of names")
+    elif "/" in value or value.endswith((".json", ".txt")):
+        raise AppConfigError(f"--conf labels: file not found: {path}")
+    else:
+        names = value.split(",")
+    cleaned = tuple(dict.fromkeys(str(name).strip() for name in names if str(name).strip()))
+    if not cleaned:
+        raise AppConfigError(f"--conf labels {value!r} names no structure")
+    if len(cleaned) > 255:
+        raise AppConfigError(f"--conf labels has {len(cleaned)} names; OHIF reads uint8 results, so at most 255")
+    return cleaned
 
 
 def _non_negative_int(conf: Mapping[str, str], key: str, default: int) -> int:

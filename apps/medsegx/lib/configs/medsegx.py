@@ -14,7 +14,8 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning.uncertainty import Uncertainty
-from lib.infers.medsegx import MedSegXInfer
+from lib.frames import PreparedVolumes
+from lib.infers.medsegx import DEEPGROW, VISTA3D, MedSegXInfer
 from lib.labels import LabelMap
 from lib.model_store import ModelStore
 from lib.score_keys import SCORE_KEY
@@ -43,7 +44,7 @@ class MedSegX(TaskConfig):
         # main.py parses --conf once and passes it; parse here only when used on its own
         self.settings = kwargs.get("settings") or AppSettings.from_conf(conf, Path(model_dir).parent)
         self.path = [str(path) for path in self.settings.checkpoint_paths]
-        self.label_map = LabelMap(self.settings.model_dir)
+        self.label_map = LabelMap(self.settings.model_dir, self.settings.labels)
         self.labels = self.label_map.labels
         self.store = ModelStore(self.settings)
         try:
@@ -52,8 +53,15 @@ class MedSegX(TaskConfig):
         except (CheckpointError, ValueError) as err:
             raise AppConfigError(f"cannot load the medsegx model: {err}") from None
 
-    def infer(self) -> InferTask:
-        return MedSegXInfer(self.store, self.label_map, self.settings)
+    def infer(self) -> dict[str, InferTask]:
+        """Two entries on one model and cache: what 3D Slicer and OHIF each list (``lib/infers/medsegx.py``)."""
+        prepared = PreparedVolumes(capacity=2)
+        return {
+            self.name: MedSegXInfer(self.store, self.label_map, self.settings, prepared, kind=DEEPGROW),
+            f"{self.name}_labels": MedSegXInfer(
+                self.store, self.label_map, self.settings, prepared, kind=VISTA3D,
+                description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask"),
+        }
 
     def trainer(self) -> TrainTask | None:
         # publishes the last of path ([pretrained, model/medsegx.pth]), which the store then serves

@@ -1,19 +1,33 @@
-"""The ``medsegx`` infer task: a box (+ points) on a slice, or a 3D box, to a label volume.
+"""The MedSegX infer tasks: a box and/or clicks on a slice, or a 3D box, to a label volume.
 
-Request params (multipart form field ``params``, JSON), besides MONAI Label's own:
+Two entries of ``/info`` run this task on one shared model, embedding cache and prepared-
+volume cache, so the stock MONAI Label 0.8.5 clients use it unmodified (``apps/medsegx/README.md``):
 
-- ``label`` (required): the structure name chosen in the client; picks the label value from
-  the app's label map (a new name gets the next free value) and the MedSegX context;
-- ``roi`` (required): ``[x0, y0, x1, y1, z0, z1]`` voxel indices of the image as MONAI loads it
-  (``lib/infers/prompt.py``); ``z0 == z1`` or ``slice`` gives one slice, else 3D propagation;
-- ``slice``: segment this slice only (a 4-number ``roi`` then suffices);
-- ``foreground`` / ``background``: ``[x, y]`` or ``[x, y, z]`` clicks (2D requests);
+- ``medsegx``, type ``deepgrow``: 3D Slicer's SmartEdit (points + ROI) and OHIF's point
+  prompts list it. The result holds **1** on the structure (Slicer imports value 1 into the
+  selected segment; OHIF maps any non-zero voxel of a deepgrow result to the chosen label).
+- ``medsegx_labels``, type ``vista3d``: OHIF sends the chosen label as ``label_prompt``; the
+  result holds that label's value of the ``/info`` label map (uint8 for OHIF's NRRD).
+
+Request params (multipart form field ``params``, JSON), besides MONAI Label's own
+(``lib/infers/prompt.py`` validates them):
+
+- ``label``: the structure name (Slicer: the segment's name), or ``label_prompt`` =
+  ``[value]`` (OHIF vista3d); neither: ``--conf default_label`` (modality-only context).
+  The name picks the ConMoAE context through the MedSegDB taxonomy;
+- ``roi``: ``[i_a, i_b, j_a, j_b, k_a, k_b]`` voxel indices (Slicer's ROI layout, pairs in
+  any order); ``k_a == k_b`` gives one slice, else 3D propagation through the box;
+- ``foreground`` / ``background``: ``[[i, j, k], ...]`` clicks (or ``points`` +
+  ``point_labels``). Without a box, clicks segment their slice and, on a volume, are
+  propagated through the structure (``propagate: false`` keeps the clicked slice); with a
+  box they refine it on their slice (a 3D box then starts its propagation there);
+- ``slice``: segment this slice only;
 - ``modality``: else DICOM ``Modality``, else detected from intensities (``lib/modality.py``).
 
 The result label has the input's shape and affine (written by MONAI Label's ``Writer``: NIfTI
 for volumes and DICOM series, PNG for pictures, or ``result_extension``); the result JSON adds
-the label value used, the taxonomy path, the chosen mask's predicted IoU, the model version
-and the model's latencies (``latencies.model``, with ``cache_hit``).
+the label name and its map value, the taxonomy path, the chosen mask's predicted IoU, the model
+version and the model's latencies (``latencies.model``, with ``cache_hit``).
 """
 
 from __future__ import annotations
@@ -47,33 +61,47 @@ from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
+#: Limit-box growth of a 3D box's propagation (``Predictor.predict_3d``'s default).
+BOX_LIMIT_GROWTH = 0.1
 # Result files: a DICOM series (a folder) has no extension of its own; JPEG would blur labels.
 _DEFAULT_EXTENSIONS = {".jpg": ".png", ".jpeg": ".png"}
 
 
+#: ``/info`` model types: what each stock client lists, and what value the result holds.
+DEEPGROW = InferType.DEEPGROW  # Slicer SmartEdit and OHIF point prompts; result value 1
+VISTA3D = "vista3d"  # OHIF passes the chosen label (label_prompt); result value = label map value
+INFER_KINDS = (DEEPGROW, VISTA3D)
+
+
 class MedSegXInfer(BasicInferTask):
-    """MedSegX (ConMoAE-SAM) box-prompt annotation on volumes, DICOM series and pictures.
+    """MedSegX (ConMoAE-SAM) box / click annotation on volumes, DICOM series and pictures.
 
     Args:
         store: the process's model (reloaded when a newer checkpoint is published).
         label_map: the app's label map; its ``labels`` dict is what ``/info`` shows.
         settings: parsed ``--conf``.
+        prepared: the prepared-volume cache, shared by every entry of the same model.
+        kind: ``deepgrow`` (result value 1) or ``vista3d`` (result value = label value).
     """
 
-    def __init__(self, store: ModelStore, label_map: LabelMap, settings: AppSettings, description: str = ""):
+    def __init__(self, store: ModelStore, label_map: LabelMap, settings: AppSettings,
+                 prepared: PreparedVolumes | None = None, kind: str = DEEPGROW, description: str = ""):
+        if kind not in INFER_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(INFER_KINDS)}, got {kind!r}")
         super().__init__(
             path=[str(path) for path in settings.checkpoint_paths],
             network=None,
-            type=InferType.ANNOTATION,
+            type=kind,
             labels=label_map.labels,
-            dimension=3,
-            description=description or "MedSegX (ConMoAE-SAM): box prompt -> mask, on a slice or propagated in 3D",
-            config={"backbone": settings.backbone, "cache_size": settings.cache_size},
+            dimension=3,  # Slicer sends `slice` (a RAS offset, a plugin bug) only for dimension 2
+            description=description or "MedSegX (ConMoAE-SAM): a box (ROI) or clicks -> mask, on a slice or in 3D",
+            config={"propagate": True},  # Slicer and OHIF echo a model's config keys back as params
         )
+        self.kind = kind
         self.store = store
         self.label_map = label_map
         self.settings = settings
-        self.prepared = PreparedVolumes(capacity=2)
+        self.prepared = prepared if prepared is not None else PreparedVolumes(capacity=2)
 
     def is_valid(self) -> bool:
         return True  # the embedded LiteMedSAM needs no file; configured files are checked at start
@@ -120,8 +148,8 @@ class MedSegXInfer(BasicInferTask):
             raise RequestError(f"expected a 3D volume or a 2D picture, the image has shape {tuple(image.shape)}")
         spatial_shape = array.shape[:2] if picture else array.shape
 
-        label_name = parse_label(data)
-        prompt = parse_prompt(data, spatial_shape)
+        label_name = parse_label(data, self.label_map.labels, self.settings.default_label)
+        prompt = parse_prompt(data, spatial_shape, propagate=_flag(data.get("propagate", True)))
         try:
             modality = choose_modality(data.get("modality"), image_path, array)
         except ValueError as err:
@@ -139,11 +167,13 @@ class MedSegXInfer(BasicInferTask):
                     label_xyz = mask_zhw_to_xyz(mask_zhw)
             except ValueError as err:  # the predictor validates prompts (e.g. a click outside the image)
                 raise RequestError(str(err)) from None
-        label_value, label_added = self.label_map.value_of(label_name)  # a failed request adds no name
+        label_value, label_added = self.label_map.value_of(label_name) if label_name else (None, False)
+        # a failed request adds no name; deepgrow clients import value 1 into the chosen segment
+        voxel_value = label_value if self.kind == VISTA3D and label_value is not None else 1
 
-        dtype = np.uint8 if label_value <= np.iinfo(np.uint8).max else np.uint16
+        dtype = np.uint8 if voxel_value <= np.iinfo(np.uint8).max else np.uint16
         label = np.zeros(spatial_shape, dtype=dtype)
-        label[label_xyz] = label_value
+        label[label_xyz] = voxel_value
         if not picture and len(image.shape) == 2:
             label = label[..., 0]  # back to the input's 2D shape
         if dtype != np.uint8 and str(data.get("result_dtype", "")).lower() == "uint8":
@@ -155,6 +185,7 @@ class MedSegXInfer(BasicInferTask):
             "label": label_name,
             "label_index": label_value,
             "label_added": label_added,
+            "result_value": int(voxel_value),
             **prompt.as_json(),
             "modality": modality.modality,
             "modality_source": modality.source,
@@ -173,9 +204,7 @@ class MedSegXInfer(BasicInferTask):
 
     def _predict_picture(self, predictor, array, prompt: Prompt, context, image_path):
         image_hw = picture_to_rgb(array)
-        points = _point_rows(prompt)
-        key = _image_key(image_path, "picture")
-        prediction = predictor.predict(image_hw, prompt.box_xyxy, context, points=points, key=key, slice_index=0)
+        prediction = _predict_slice(predictor, image_hw, prompt, context, _image_key(image_path, "picture"), 0)
         return prediction, np.swapaxes(prediction.mask, 0, 1), _prediction_json(prediction)
 
     def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, image_path):
@@ -185,15 +214,17 @@ class MedSegXInfer(BasicInferTask):
         depth, height, width = prepared.shape
         if not prompt.is_3d:
             z = prompt.slice_index
-            prediction = predictor.predict(
-                prepared[z], prompt.box_xyxy, context, points=_point_rows(prompt), key=key, slice_index=z
-            )
+            prediction = _predict_slice(predictor, prepared[z], prompt, context, key, z)
             mask = np.zeros((depth, height, width), dtype=bool)
             mask[z] = prediction.mask
             model_json = _prediction_json(prediction)
         else:
-            x0, y0, x1, y1 = prompt.box_xyxy
-            prediction = predictor.predict_3d(prepared, (x0, y0, x1, y1, *prompt.z_range), context, key=key)
+            if not prompt.has_clicks:
+                prediction = predictor.predict_3d(prepared, (*prompt.box_xyxy, *prompt.z_range), context, key=key)
+            else:  # clicks start the propagation on their slice; a drawn box keeps a 3D box's limit
+                growth = {"limit_growth": BOX_LIMIT_GROWTH} if prompt.box_xyxy is not None else {}
+                prediction = predictor.predict_3d_clicks(prepared, _point_rows(prompt), prompt.slice_index, context,
+                                                         key=key, box=prompt.box_xyxy, z_range=prompt.z_range, **growth)
             mask = prediction.mask
             model_json = _prediction_3d_json(prediction)
         model_json["model_latencies"]["prepared_volume_cached"] = prepared_hit
@@ -219,6 +250,21 @@ def _image_key(image_path: str | None, signature: str):
     except OSError:
         mtime = 0
     return (image_path, mtime, signature)
+
+
+def _flag(value: Any) -> bool:
+    """A client's boolean: JSON true/false, or a string from Slicer's options table."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def _predict_slice(predictor, image, prompt: Prompt, context, key, slice_index: int):
+    """One slice: a box (+ clicks), or clicks alone."""
+    if prompt.box_xyxy is None:
+        return predictor.predict_clicks(image, _point_rows(prompt), context, key=key, slice_index=slice_index)
+    return predictor.predict(image, prompt.box_xyxy, context, points=_point_rows(prompt), key=key,
+                             slice_index=slice_index)
 
 
 def _point_rows(prompt: Prompt) -> np.ndarray | None:

@@ -1,24 +1,39 @@
-"""Turn an infer request's ``roi`` / ``slice`` / points into a validated prompt, or a 4xx.
+"""Turn an infer request from a stock client into a validated prompt, or a 4xx.
 
 Frames: the image array is indexed as MONAI's ``LoadImage`` returns it, ``(i, j, k)`` for a
-volume and ``(i, j)`` for a 2D picture (PIL images come back as ``(width, height)``); ``x``
-is ``i``, ``y`` is ``j``, ``z`` is ``k``. ``roi`` = ``[x0, y0, x1, y1, z0, z1]`` in those voxel
-indices (MONAI Label's convention, as its SAM2 task reads it), bounds inclusive; each pair is
-sorted, so a client that converts a flipped RAS box to indices may send ``x0 > x1``. A box that
-sticks out of the image is clipped; one that misses the image is a 422.
+volume and ``(i, j)`` for a 2D picture (PIL images come back as ``(width, height)``); these
+are the IJK indices 3D Slicer and OHIF compute from their RAS / world coordinates. ``x`` is
+``i``, ``y`` is ``j``, ``z`` is ``k``.
+
+The one ``roi`` layout is the 3D Slicer plugin's (``getROIPointsXYZ`` in the MONAI Label
+0.8.5 plugin): the ROI's RAS min / max corners through the volume's RAS-to-IJK matrix,
+rounded, **per axis**: ``[i_a, i_b, j_a, j_b, k_a, k_b]``, bounds inclusive. The pairs are
+not sorted (an affine that flips an axis, as most DICOM-derived CT has, gives
+``i_a > i_b``), so each pair is sorted here. A 2D picture takes ``[i_a, i_b, j_a, j_b]``. A
+box that sticks out of the image is clipped; one that misses the image is a 422.
+
+Clicks: ``foreground`` / ``background`` = ``[[i, j, k], ...]`` (Slicer, OHIF ``deepgrow``) or
+``points`` + ``point_labels`` (OHIF ``vista3d``: 1 foreground, 0 background). The prompted
+slice is the box's (one slice) or, with clicks and no one-slice box, the last foreground
+click's; clicks on other slices do not prompt it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
 
-
-_ROI_REQUIRED = "roi is required: [x0, y0, x1, y1, z0, z1] in voxel indices of the image"
+ROI_LAYOUT = "[i_a, i_b, j_a, j_b, k_a, k_b] voxel indices (3D Slicer's ROI layout; pairs in any order)"
+_NO_PROMPT = f"a prompt is required: roi = {ROI_LAYOUT}, or at least one foreground click [i, j, k]"
+#: The most points one request may carry (Slicer and OHIF send a handful).
+MAX_POINTS = 1000
+#: 3D Slicer names new segments "Segment_1", "Segment_2", ...: not a structure name.
+_UNNAMED_SEGMENT = re.compile(r"^segment[_ ]?\d*$", re.IGNORECASE)
 
 
 class RequestError(HTTPException):
@@ -39,25 +54,31 @@ class Prompt:
     """A validated prompt in the loaded array's voxel indices.
 
     Attributes:
-        box_xyxy: ``(x0, y0, x1, y1)`` inclusive voxel indices, clipped to the image.
-        z_range: ``(z0, z1)`` inclusive slice range; ``(0, 0)`` for a 2D picture.
-        is_3d: True when more than one slice is asked for (3D propagation).
-        foreground / background: ``(x, y)`` points on the predicted slice (2D only).
+        box_xyxy: ``(x0, y0, x1, y1)`` inclusive voxel indices, clipped; ``None`` for clicks alone.
+        z_range: ``(z0, z1)`` inclusive slices the result may cover; ``(0, 0)`` for a picture.
+        slice_index: the slice segmented first (the box's middle slice, or the clicked one).
+        is_3d: True when more than one slice may be segmented (3D box or propagated clicks).
+        foreground / background: ``(x, y)`` clicks on ``slice_index``.
     """
 
-    box_xyxy: tuple[int, int, int, int]
+    box_xyxy: tuple[int, int, int, int] | None
     z_range: tuple[int, int]
+    slice_index: int
     is_3d: bool
     foreground: tuple[tuple[float, float], ...] = ()
     background: tuple[tuple[float, float], ...] = ()
 
     @property
-    def slice_index(self) -> int:
-        return self.z_range[0]
+    def has_clicks(self) -> bool:
+        return bool(self.foreground)
 
     def as_json(self) -> dict[str, Any]:
-        x0, y0, x1, y1 = self.box_xyxy
-        return {"roi": [x0, y0, x1, y1, self.z_range[0], self.z_range[1]], "mode": "3d" if self.is_3d else "2d"}
+        roi = None
+        if self.box_xyxy is not None:
+            x0, y0, x1, y1 = self.box_xyxy
+            roi = [x0, x1, y0, y1, self.z_range[0], self.z_range[1]]
+        return {"roi": roi, "slice": self.slice_index, "mode": "3d" if self.is_3d else "2d",
+                "clicks": {"foreground": len(self.foreground), "background": len(self.background)}}
 
 
 def _numbers(value: Any, what: str) -> list[float]:
@@ -77,92 +98,167 @@ def _numbers(value: Any, what: str) -> list[float]:
 def _clipped_pair(low: float, high: float, size: int, axis: str, roi: list[float]) -> tuple[int, int]:
     low, high = sorted((round(low), round(high)))
     if high < 0 or low > size - 1:
-        raise RequestError(f"roi {roi} lies outside the image along {axis} (valid indices 0..{size - 1})")
+        raise RequestError(f"roi {roi} lies outside the image along {axis} (valid indices 0..{size - 1}); "
+                           f"roi is {ROI_LAYOUT}")
     return max(low, 0), min(high, size - 1)
 
 
-def _points(value: Any, name: str, slice_index: int | None, size_xy: tuple[int, int]) -> tuple[tuple[float, float], ...]:
-    if value in (None, "", []):
-        return ()
-    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise RequestError(f"{name} must be a list of [x, y] or [x, y, z] points, got {value!r}")
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (str, list, tuple)) and len(value) == 0)
+
+
+def _point_list(value: Any, name: str) -> list[list[float]]:
+    if _empty(value):
+        return []
+    if isinstance(value, str):
+        raise RequestError(f"{name} must be a list of [i, j, k] points, got {value!r}")
+    if not isinstance(value, Sequence):
+        raise RequestError(f"{name} must be a list of [i, j, k] points, got {value!r}")
+    if len(value) > MAX_POINTS:
+        raise RequestError(f"{name} has {len(value)} points; at most {MAX_POINTS} are accepted")
     points = []
     for point in value:
         coords = _numbers(point, f"{name} point")
         if len(coords) not in (2, 3):
-            raise RequestError(f"{name} point {point!r} must be [x, y] or [x, y, z]")
-        if len(coords) == 3 and slice_index is not None and round(coords[2]) != slice_index:
-            continue  # a click on another slice does not prompt this one
-        if not (0 <= coords[0] <= size_xy[0] - 1 and 0 <= coords[1] <= size_xy[1] - 1):
-            raise RequestError(f"{name} point {point!r} is outside the image (x 0..{size_xy[0] - 1}, y 0..{size_xy[1] - 1})")
-        points.append((coords[0], coords[1]))
-    return tuple(points)
+            raise RequestError(f"{name} point {point!r} must be [i, j] or [i, j, k]")
+        points.append(coords)
+    return points
 
 
-def parse_prompt(params: dict[str, Any], spatial_shape: Sequence[int]) -> Prompt:
-    """Validate ``roi``, ``slice`` and points against the loaded image.
+def _clicks(params: Mapping[str, Any]) -> tuple[list[list[float]], list[list[float]]]:
+    """``(foreground, background)`` from either client's keys."""
+    foreground = _point_list(params.get("foreground"), "foreground")
+    background = _point_list(params.get("background"), "background")
+    points = _point_list(params.get("points"), "points")
+    if points:
+        labels = params.get("point_labels")
+        labels = [1] * len(points) if _empty(labels) else _numbers(labels, "point_labels")
+        if len(labels) != len(points):
+            raise RequestError(f"point_labels has {len(labels)} values for {len(points)} points")
+        for point, label in zip(points, labels):
+            if label not in (0, 1):
+                raise RequestError(f"point_labels must be 1 (foreground) or 0 (background), got {label!r}")
+            (foreground if label == 1 else background).append(point)
+    return foreground, background
+
+
+def _no_prompt(background: list) -> str:
+    return _NO_PROMPT + (" (background clicks alone do not say what to segment)" if background else "")
+
+
+def _slice_param(params: Mapping[str, Any], size_z: int) -> int | None:
+    value = params.get("slice")
+    if value in ("", None) or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
+        return None  # MONAI Label clients send -1 (OHIF) or nothing for "no slice"
+    try:
+        index = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"slice must be an integer, got {value!r}") from None
+    if not 0 <= index < size_z:
+        raise RequestError(f"slice {index} is outside the image (valid slices 0..{size_z - 1})")
+    return index
+
+
+def parse_prompt(params: Mapping[str, Any], spatial_shape: Sequence[int], propagate: bool = True) -> Prompt:
+    """Validate ``roi``, ``slice`` and clicks against the loaded image.
 
     Args:
-        params: the infer request (``roi`` required; ``slice``, ``foreground``, ``background``
-            optional).
+        params: the infer request: ``roi`` and/or clicks; ``slice`` optional.
         spatial_shape: ``(X, Y)`` for a 2D picture or ``(X, Y, Z)`` for a volume.
+        propagate: clicks without a box (or with a one-slice box) on a volume are propagated
+            through the structure; False segments the clicked slice only.
 
     Raises:
         RequestError: 422 with a message naming the bad field.
     """
-    if params.get("roi") in (None, "", []):
-        raise RequestError(_ROI_REQUIRED)
-    roi = _numbers(params["roi"], "roi")
-    if len(roi) not in (4, 6):
-        raise RequestError(f"roi must have 4 ([x0, y0, x1, y1]) or 6 ([x0, y0, x1, y1, z0, z1]) numbers, got {len(roi)}")
+    volume = len(spatial_shape) == 3
     size_x, size_y = int(spatial_shape[0]), int(spatial_shape[1])
-    x0, x1 = _clipped_pair(roi[0], roi[2], size_x, "x", roi)
-    y0, y1 = _clipped_pair(roi[1], roi[3], size_y, "y", roi)
+    size_z = int(spatial_shape[2]) if volume else 1
+    foreground, background = _clicks(params)
 
-    slice_value = params.get("slice")
-    if slice_value in ("", None) or (isinstance(slice_value, (int, float)) and slice_value < 0):
-        slice_value = None  # MONAI Label clients send -1 for "no slice"
-    if len(spatial_shape) == 2:
-        z_range = (0, 0)
+    box = None
+    box_z: tuple[int, int] | None = None
+    if not _empty(params.get("roi")):
+        roi = _numbers(params["roi"], "roi")
+        if len(roi) not in (4, 6):
+            raise RequestError(f"roi must have 6 numbers {ROI_LAYOUT} (4 on a 2D picture), got {len(roi)}")
+        x0, x1 = _clipped_pair(roi[0], roi[1], size_x, "i", roi)
+        y0, y1 = _clipped_pair(roi[2], roi[3], size_y, "j", roi)
+        box = (x0, y0, x1, y1)
+        if volume and len(roi) == 6:
+            box_z = _clipped_pair(roi[4], roi[5], size_z, "k", roi)
+        elif volume and _slice_param(params, size_z) is None and not foreground:
+            raise RequestError(f"a 4-number roi on a volume needs `slice` or a click; or send {ROI_LAYOUT}")
+    if box is None and not foreground:
+        raise RequestError(_no_prompt(background))
+
+    for name, points in (("foreground", foreground), ("background", background)):
+        for point in points:
+            inside = 0 <= point[0] <= size_x - 1 and 0 <= point[1] <= size_y - 1
+            if len(point) == 3 and volume:
+                inside = inside and 0 <= point[2] <= size_z - 1
+            if not inside:
+                bounds = f"i 0..{size_x - 1}, j 0..{size_y - 1}" + (f", k 0..{size_z - 1}" if volume else "")
+                raise RequestError(f"{name} point {point} is outside the image ({bounds})")
+
+    if not volume:
+        slice_index, z_range, is_3d = 0, (0, 0), False
     else:
-        size_z = int(spatial_shape[2])
-        if slice_value is not None:
-            try:
-                index = int(slice_value)
-            except (TypeError, ValueError):
-                raise RequestError(f"slice must be an integer, got {slice_value!r}") from None
-            if not 0 <= index < size_z:
-                raise RequestError(f"slice {index} is outside the image (valid slices 0..{size_z - 1})")
-            z_range = (index, index)
-        elif len(roi) == 6:
-            z_range = _clipped_pair(roi[4], roi[5], size_z, "z", roi)
+        forced = _slice_param(params, size_z)
+        clicked = next((round(p[2]) for p in reversed(foreground) if len(p) == 3), None)
+        if forced is not None:  # a 2D request: this slice only
+            slice_index, z_range, is_3d = forced, (forced, forced), False
+        elif box_z is not None and box_z[1] > box_z[0]:  # a 3D box, started at the clicked slice if any
+            inside = clicked is not None and box_z[0] <= clicked <= box_z[1]
+            slice_index = clicked if inside else (box_z[0] + box_z[1]) // 2
+            z_range, is_3d = box_z, True
         else:
-            raise RequestError("a 4-number roi on a volume needs `slice`; or send [x0, y0, x1, y1, z0, z1]")
-    is_3d = z_range[1] > z_range[0]
-    slice_for_points = None if is_3d else z_range[0] if len(spatial_shape) == 3 else None
-    return Prompt(
-        box_xyxy=(x0, y0, x1, y1),
-        z_range=z_range,
-        is_3d=is_3d,
-        foreground=_points(params.get("foreground"), "foreground", slice_for_points, (size_x, size_y)),
-        background=_points(params.get("background"), "background", slice_for_points, (size_x, size_y)),
-    )
+            if box_z is not None:
+                slice_index = box_z[0]
+            elif clicked is not None:
+                slice_index = clicked
+            else:
+                raise RequestError("clicks on a volume need [i, j, k] (the slice k), or send `slice`")
+            z_range, is_3d = ((0, size_z - 1), True) if (propagate and foreground) else ((slice_index, slice_index), False)
+
+    def on_slice(points: list[list[float]]) -> tuple[tuple[float, float], ...]:
+        return tuple((p[0], p[1]) for p in points if len(p) == 2 or not volume or round(p[2]) == slice_index)
+
+    return Prompt(box_xyxy=box, z_range=z_range, slice_index=slice_index, is_3d=is_3d,
+                  foreground=on_slice(foreground), background=on_slice(background))
 
 
-def check_required(params: dict[str, Any]) -> None:
-    """Fail fast, before the image is read, on a request without ``label`` or ``roi``."""
-    parse_label(params)
-    if params.get("roi") in (None, "", []):
-        raise RequestError(_ROI_REQUIRED)
+def check_required(params: Mapping[str, Any]) -> None:
+    """Fail fast, before the image is read, on a request with neither a box nor a click."""
+    foreground, background = _clicks(params)
+    if _empty(params.get("roi")) and not foreground:
+        raise RequestError(_no_prompt(background))
 
 
-def parse_label(params: dict[str, Any]) -> str:
-    """The structure name the client chose (``label``), required.
+def parse_label(params: Mapping[str, Any], labels: Mapping[str, int], default: str = "") -> str:
+    """The structure the client chose.
+
+    3D Slicer sends ``label`` (the segment's name), OHIF's ``vista3d`` path sends
+    ``label_prompt`` = ``[value]`` of the label in the model's ``labels``; OHIF's ``deepgrow``
+    path sends neither. Slicer's default segment names (``Segment_1``) name nothing.
+
+    Args:
+        params: the infer request.
+        labels: the model's label map, name -> value, as ``/info`` shows it.
+        default: the structure to assume when the client names none ("" = modality only).
 
     Raises:
-        RequestError: 422 when missing or not a non-empty string.
+        RequestError: 422 for a ``label_prompt`` that is not a value of ``labels``.
     """
     label = params.get("label")
-    if not isinstance(label, str) or not label.strip():
-        raise RequestError("label is required: the name of the structure to segment, e.g. \"liver\"")
-    return label.strip()
+    if isinstance(label, str) and label.strip() and not _UNNAMED_SEGMENT.match(label.strip()):
+        return label.strip()
+    prompt = params.get("label_prompt")
+    if not _empty(prompt):
+        values = _numbers(prompt if isinstance(prompt, (list, tuple, str)) else [prompt], "label_prompt")
+        names = {value: name for name, value in labels.items()}
+        if len(values) != 1 or values[0] not in names:
+            raise RequestError(f"label_prompt {prompt!r} must be [one value of the model's labels]: "
+                               + ", ".join(f"{v}={n}" for v, n in sorted(names.items())))
+        return names[values[0]]
+    return default
