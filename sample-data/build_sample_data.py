@@ -12,7 +12,9 @@ and in a few seconds on two CPU cores:
 * ``<out>/../datastore_gt/`` holds the ground truth of the images the datastore leaves
   unlabelled (for benchmarks), never read by MONAI Label.
 * ``<out>/../dicom/ct_phantom_2/`` is a one-file-per-slice CT DICOM series (another
-  phantom), because MONAI Label's local datastore only lists files, not series folders.
+  phantom), because MONAI Label's local datastore only lists files, not series folders;
+  ``<out>/../dicom/mni152_t1/`` is the MNI152 T1 template as an MR series (PACS tests need
+  both modalities).
 
 Usage::
 
@@ -39,7 +41,7 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 #: Bump when the generated content changes, so an existing build is redone.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MANIFEST_NAME = "sample_data_manifest.json"
 
 CT_LABELS: dict[str, int] = {"liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4, "aorta": 5}
@@ -51,6 +53,7 @@ SEED_CT_LABELLED = 1
 SEED_CT_DICOM = 2
 SEED_CT_UNLABELLED = 3
 SEED_CT_SLICE_2D = 4
+SEED_MR_DICOM = 5  # UIDs of the MNI152 MR series (its voxels are the template's)
 SLICE_2D_SIZE = 256
 # The 2D slice covers the same 288 mm field of view as the 3D phantoms at 256 pixels.
 SLICE_2D_SPACING = (CT_SPACING[0] * CT_SHAPE[0] / SLICE_2D_SIZE, CT_SPACING[1] * CT_SHAPE[1] / SLICE_2D_SIZE, 3.0)
@@ -357,39 +360,107 @@ def write_ct_dicom_series(
     Returns:
         The written file paths, ordered by slice index.
     """
+    origin_lps = tuple(-(n - 1) / 2.0 * s for n, s in zip(hu.shape, spacing))
+    stored = (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
+    tags = {
+        "Modality": "CT",
+        "Manufacturer": "MedSegX synthetic phantom",
+        "PatientName": f"Phantom^{patient_id}",
+        "BodyPartExamined": "ABDOMEN",
+        "KVP": 120,
+        "RescaleIntercept": -1024,
+        "RescaleSlope": 1,
+        "RescaleType": "HU",
+        "WindowCenter": 40,
+        "WindowWidth": 400,
+    }
+    return _write_axial_series(stored, spacing, origin_lps, out_dir, seed, patient_id, series_description, tags)
+
+
+def write_mr_dicom_series(
+    intensity: np.ndarray,
+    affine_ras: np.ndarray,
+    out_dir: Path,
+    seed: int,
+    patient_id: str,
+    series_description: str,
+) -> list[Path]:
+    """Write an axial ``[x, y, z]`` int16 MR volume (diagonal RAS affine) as one MR DICOM file per slice.
+
+    DICOM's axial layout has columns running to the patient's left and rows to posterior, so a
+    volume stored RAS (index x to the right, y to anterior) is flipped along x and y first;
+    readers then return it with the affine ``diag(-sx, -sy, sz)`` and the same world positions.
+
+    Returns:
+        The written file paths, ordered by slice index.
+
+    Raises:
+        ValueError: ``affine_ras`` is not diagonal with positive spacings (not axial RAS).
+    """
+    spacing = np.diag(affine_ras)[:3]
+    if not np.allclose(affine_ras[:3, :3], np.diag(spacing)) or np.any(spacing <= 0):
+        raise ValueError(f"expected a diagonal RAS affine with positive spacings, got\n{affine_ras}")
+    flipped = intensity[::-1, ::-1, :]
+    first_voxel_ras = affine_ras @ np.array([intensity.shape[0] - 1, intensity.shape[1] - 1, 0, 1.0])
+    origin_lps = (-first_voxel_ras[0], -first_voxel_ras[1], first_voxel_ras[2])
+    stored = flipped.astype(np.int32).clip(0, 4095).astype(np.uint16)
+    tags = {
+        "Modality": "MR",
+        "Manufacturer": "MNI ICBM152 2009a template (nilearn)",
+        "PatientName": f"Template^{patient_id}",
+        "BodyPartExamined": "HEAD",
+        "MagneticFieldStrength": 3,
+        "ScanningSequence": "GR",
+        "SequenceVariant": "NONE",
+        "MRAcquisitionType": "3D",
+        "WindowCenter": int(stored.max()) // 2,
+        "WindowWidth": int(stored.max()),
+    }
+    return _write_axial_series(
+        stored, tuple(float(s) for s in spacing), origin_lps, out_dir, seed, patient_id, series_description, tags
+    )
+
+
+def _write_axial_series(
+    stored: np.ndarray,
+    spacing: tuple[float, float, float],
+    origin_lps: tuple[float, float, float],
+    out_dir: Path,
+    seed: int,
+    patient_id: str,
+    series_description: str,
+    modality_tags: dict[str, Any],
+) -> list[Path]:
+    """One file per axial slice of ``stored`` (uint16 ``[x, y, z]``, 12 bits), UIDs derived from ``seed``."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID
 
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage}[modality_tags["Modality"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     pydicom_major = int(pydicom.__version__.split(".")[0])
-    n_cols, n_rows, n_slices = hu.shape
-    origin_lps = [-(n - 1) / 2.0 * s for n, s in zip(hu.shape, spacing)]
+    n_cols, n_rows, n_slices = stored.shape
     study_uid = _uid(seed, "study")
     series_uid = _uid(seed, "series")
     frame_uid = _uid(seed, "frame-of-reference")
-    stored = (hu.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16)
 
     paths = []
     for slice_index in range(n_slices):
         sop_uid = _uid(seed, "instance", slice_index)
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         path = out_dir / f"slice_{slice_index:03d}.dcm"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
 
-        ds.SOPClassUID = CTImageStorage
+        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.FrameOfReferenceUID = frame_uid
-        ds.Modality = "CT"
-        ds.Manufacturer = "MedSegX synthetic phantom"
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.PatientName = f"Phantom^{patient_id}"
         ds.PatientID = patient_id
         ds.PatientSex = "O"
         ds.PatientBirthDate = ""
@@ -402,9 +473,9 @@ def write_ct_dicom_series(
         ds.InstanceNumber = slice_index + 1
         ds.StudyDescription = "MedSegX sample data"
         ds.SeriesDescription = series_description
-        ds.BodyPartExamined = "ABDOMEN"
         ds.PatientPosition = "HFS"
-        ds.KVP = 120
+        for keyword, value in modality_tags.items():
+            setattr(ds, keyword, value)
 
         z_mm = origin_lps[2] + slice_index * spacing[2]
         ds.ImagePositionPatient = [f"{origin_lps[0]:.4f}", f"{origin_lps[1]:.4f}", f"{z_mm:.4f}"]
@@ -422,11 +493,6 @@ def write_ct_dicom_series(
         ds.BitsStored = 12
         ds.HighBit = 11
         ds.PixelRepresentation = 0
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
-        ds.RescaleType = "HU"
-        ds.WindowCenter = 40
-        ds.WindowWidth = 400
         # DICOM pixel rows are image rows (y), so the [x, y] slice is transposed.
         ds.PixelData = np.ascontiguousarray(stored[:, :, slice_index].T).tobytes()
 
@@ -443,8 +509,8 @@ def write_ct_dicom_series(
 # --------------------------------------------------------------------------- samples
 
 
-def _build_mni152(out_dir: Path, labels_dir: Path, extra_dir: Path) -> dict[str, Path]:
-    """Write the MNI152 T1 template, its grey/white-matter label and its brain mask."""
+def _build_mni152(out_dir: Path, labels_dir: Path, extra_dir: Path, series_dir: Path, gt_dir: Path) -> dict[str, Path]:
+    """Write the MNI152 T1 template, its grey/white-matter label, its brain mask and its MR DICOM series."""
     from nilearn.datasets import (
         load_mni152_brain_mask,
         load_mni152_gm_template,
@@ -474,12 +540,27 @@ def _build_mni152(out_dir: Path, labels_dir: Path, extra_dir: Path) -> dict[str,
         "label": labels_dir / "mni152_t1.nii.gz",
         "brain_mask": extra_dir / "mni152_t1_brain_mask.nii.gz",
         "label_map": out_dir / "mni152_t1_labels.json",
+        "series": series_dir,
+        "series_label": gt_dir / "mni152_t1_dicom.nii.gz",
     }
     _save_nifti(intensity, affine, paths["image"])
     _save_nifti(tissue, affine, paths["label"])
     _save_nifti((brain > 0).astype(np.uint8), affine, paths["brain_mask"])
     paths["label_map"].write_text(json.dumps(MNI152_LABELS, indent=2) + "\n")
+
+    # The same template as an MR series (an MR study for DICOMweb/PACS tests), stored in DICOM's
+    # axial layout (x and y flipped); its label in that layout is ground truth beside the datastore.
+    write_mr_dicom_series(intensity, affine, series_dir, SEED_MR_DICOM, "MEDSEGX-MNI152", "MNI152 T1 template")
+    flipped_affine = affine @ _flip_xy(intensity.shape)
+    _save_nifti(np.ascontiguousarray(tissue[::-1, ::-1, :]), flipped_affine, paths["series_label"])
     return paths
+
+
+def _flip_xy(shape: tuple[int, ...]) -> np.ndarray:
+    """Index transform of ``array[::-1, ::-1, :]``: new index -> old index (4x4, homogeneous)."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[0, 3], flip[1, 3] = shape[0] - 1, shape[1] - 1
+    return flip
 
 
 def _build_ct_slice_2d(out_dir: Path, labels_dir: Path) -> dict[str, Path]:
@@ -588,13 +669,15 @@ def _build_samples(out_dir: Path, gt_dir: Path, dicom_dir: Path) -> dict[str, An
     labels_dir = out_dir / "labels" / "final"
     extra_dir = out_dir / "labels_extra"
     series_dir = dicom_dir / "ct_phantom_2"
+    mr_series_dir = dicom_dir / "mni152_t1"
     for folder in (out_dir, labels_dir, extra_dir, gt_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    if series_dir.exists():  # a rebuild must not leave slices of an older, longer series behind
-        shutil.rmtree(series_dir)
+    for folder in (series_dir, mr_series_dir):
+        if folder.exists():  # a rebuild must not leave slices of an older, longer series behind
+            shutil.rmtree(folder)
 
     logger.info("Building MNI152 T1 sample")
-    mni = _build_mni152(out_dir, labels_dir, extra_dir)
+    mni = _build_mni152(out_dir, labels_dir, extra_dir, mr_series_dir, gt_dir)
 
     logger.info("Building CT phantoms")
     label_map_path = out_dir / "ct_phantom_labels.json"
@@ -634,8 +717,9 @@ def _build_samples(out_dir: Path, gt_dir: Path, dicom_dir: Path) -> dict[str, An
         "ground_truth": {
             "ct_phantom_unlabelled": str(gt_dir / "ct_phantom_unlabelled.nii.gz"),
             "ct_phantom_2": str(gt_dir / "ct_phantom_2.nii.gz"),
+            "mni152_t1_dicom": str(mni["series_label"]),
         },
-        "dicom_series": {"ct_phantom_2": str(series_dir)},
+        "dicom_series": {"ct_phantom_2": str(series_dir), "mni152_t1": str(mr_series_dir)},
         "label_map_files": {"ct_phantom": str(label_map_path), "mni152_t1": str(mni["label_map"])},
         "label_maps": {"ct_phantom": dict(CT_LABELS), "mni152_t1": dict(MNI152_LABELS)},
         "seeds": {
@@ -643,6 +727,7 @@ def _build_samples(out_dir: Path, gt_dir: Path, dicom_dir: Path) -> dict[str, An
             "ct_phantom_2": SEED_CT_DICOM,
             "ct_phantom_unlabelled": SEED_CT_UNLABELLED,
             "ct_slice_2d": SEED_CT_SLICE_2D,
+            "mni152_t1_dicom": SEED_MR_DICOM,
         },
     }
     _write_manifest(out_dir / MANIFEST_NAME, result, out_dir.parent)

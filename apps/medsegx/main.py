@@ -29,6 +29,7 @@ from monailabel.tasks.activelearning.random import Random
 from lib import compat
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
+from lib.dicomweb import PACSDatastore
 from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,10 @@ class MedSegXApp(MONAILabelApp):
         for task_config in self.models.values():
             methods.update(task_config.scoring_method() or {})
         return methods
+
+    def _init_dicomweb_datastore(self):
+        # upstream's DICOMweb datastore with the fixes a PACS needs (docs/MONAILABEL_COMPAT.md #7)
+        return PACSDatastore.adopt(super()._init_dicomweb_datastore(), self.models["medsegx"].label_map.labels)
 
     def _download_dcmqi_tools(self):
         compat.ensure_dcmqi_on_path()  # MONAI Label would download dcmqi from GitHub

@@ -6,7 +6,10 @@ Order of precedence:
    DICOM tags included: ``"MR"`` -> ``"MRI"``);
 2. the DICOM ``Modality`` (0008,0060) tag of a ``.dcm`` file or of the first file of a series
    folder (MONAI's readers do not keep that tag in the image meta data, so it is read with
-   pydicom);
+   pydicom); for a NIfTI converted from a series, the series folder beside it: MONAI Label's
+   DICOMweb datastore caches a PACS series as ``<cache>/<SeriesInstanceUID>/*.dcm`` and its
+   conversion as ``<cache>/<SeriesInstanceUID>.nii.gz`` (``lib/dicomweb.py`` hands the task that
+   cached file), so a CT series from the PACS is prepared as CT, an MR series as MR;
 3. the intensities: a volume with ``min < -500`` and ``max > 500`` holds Hounsfield units and
    is ``CT``; anything else is taken for ``MRI``. 2D pictures (PNG/JPEG) hold display values
    0..255, so they come out as ``MRI``: send ``modality`` for a windowed CT slice, an X-ray,
@@ -38,9 +41,24 @@ class ModalityChoice:
     source: str
 
 
-def dicom_modality_tag(image_path: str | os.PathLike) -> str | None:
-    """The (0008,0060) Modality of a DICOM file or series folder, or ``None``."""
+#: Extensions of a volume converted from a DICOM series (MONAI Label's DICOMweb cache).
+CONVERTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+def source_series_folder(image_path: str | os.PathLike) -> Path | None:
+    """The DICOM series folder a converted volume came from: ``<dir>/<id>/`` beside ``<dir>/<id>.nii.gz``."""
     path = Path(image_path)
+    for suffix in CONVERTED_SUFFIXES:
+        if path.name.endswith(suffix):
+            folder = path.with_name(path.name[: -len(suffix)])
+            return folder if folder.is_dir() else None
+    return None
+
+
+def dicom_modality_tag(image_path: str | os.PathLike) -> str | None:
+    """The (0008,0060) Modality of a DICOM file or series folder (or of a converted volume's series), or ``None``."""
+    path = Path(image_path)
+    path = source_series_folder(path) or path
     if path.is_dir():
         candidates = sorted(p for p in path.iterdir() if p.is_file())
     elif path.is_file() and path.suffix.lower() in (".dcm", ".dicom", ""):
