@@ -172,3 +172,92 @@ def sample_data(tmp_path_factory) -> dict:
 def medsegx_server(sample_data, tmp_path_factory):
     """A running ``monailabel start_server`` with the app on the sample datastore."""
     yield from serve(tmp_path_factory.mktemp("server"), sample_data["datastore"])
+
+
+# --------------------------------------------------------------------------- PACS (Orthanc)
+
+PACS_SCRIPT = REPO / "scripts" / "pacs.sh"
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_START_TIMEOUT_S = 60.0
+#: MONAI Label lists only CT series by default (MONAI_LABEL_DICOMWEB_SEARCH_FILTER); QIDO's list match adds MR.
+PACS_SEARCH_FILTER = '{"Modality": "CT,MR"}'
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc (``scripts/pacs.sh serve``) on a free loopback port, holding the sample series."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def series_uid(self, modality: str) -> str:
+        """The ``SeriesInstanceUID`` of the one uploaded sample series of ``modality`` (``CT`` / ``MR``)."""
+        import requests
+
+        found = requests.get(f"{self.dicomweb}/series", params={"Modality": modality}, timeout=30).json()
+        if len(found) != 1:
+            pytest.fail(f"expected one {modality} series in Orthanc, found {len(found)}")
+        return found[0]["0020000E"]["Value"][0]
+
+
+def orthanc_missing() -> str | None:
+    """Why Orthanc cannot run here (``None`` when it can)."""
+    if shutil.which("Orthanc") is None or not ORTHANC_DICOMWEB_PLUGIN.is_file():
+        return "Orthanc + DICOMweb plugin not installed (bash scripts/pacs.sh install; scripts/test.sh does it)"
+    if shutil.which("curl") is None:
+        return "curl not installed (scripts/pacs.sh uploads with it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def orthanc(sample_data, tmp_path_factory):
+    """Orthanc with the sample CT and MR series, started and stopped by the session."""
+    import requests
+
+    reason = orthanc_missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    env = {**os.environ, "ORTHANC_HTTP_PORT": str(port), "ORTHANC_DIR": str(root)}
+    log = root / "orthanc.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(["bash", str(PACS_SCRIPT), "serve"], stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    pacs = Orthanc(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + ORTHANC_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"Orthanc exited with code {process.returncode}:\n{log_tail(log)}")
+            try:
+                if requests.get(f"{pacs.url}/system", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"Orthanc did not answer {pacs.url}/system within {ORTHANC_START_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)  # poll interval
+        series = [sample_data["dicom_series"][name] for name in ("ct_phantom_2", "mni152_t1")]
+        subprocess.run(["bash", str(PACS_SCRIPT), "upload", *series], env=env, check=True, capture_output=True)
+        yield pacs
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def pacs_server(orthanc, tmp_path_factory):
+    """A MONAI Label server on Orthanc's DICOMweb (``--studies <orthanc>/dicom-web``), cache in a temporary folder."""
+    root = tmp_path_factory.mktemp("pacs-server")
+    with pytest.MonkeyPatch.context() as patch:  # read by the server process when it starts
+        patch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", PACS_SEARCH_FILTER)
+        patch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(root / "dicomweb-cache"))
+        servers = serve(root, orthanc.dicomweb)
+        server = next(servers)
+    yield server
+    servers.close()
