@@ -214,8 +214,32 @@ def orthanc_missing() -> str | None:
     return None
 
 
+ARTIFACTS = Path(os.environ.get("MEDSEGX_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
 @pytest.fixture(scope="session")
-def orthanc(sample_data, tmp_path_factory):
+def artifacts_dir() -> Path:
+    """Where tests keep what a person should look at (screenshots, timings); git-ignored."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def pacs_timings(artifacts_dir):
+    """Seconds measured by the PACS tests, written to ``<artifacts>/pacs_timings.json`` at the end."""
+    import json
+
+    timings: dict[str, float] = {}
+    yield timings
+    if timings:
+        load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+        record = {"seconds": {k: round(v, 2) for k, v in timings.items()}, "load_average_1_5_15": load,
+                  "cpus": os.cpu_count()}
+        (artifacts_dir / "pacs_timings.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+@pytest.fixture(scope="session")
+def orthanc(sample_data, tmp_path_factory, pacs_timings):
     """Orthanc with the sample CT and MR series, started and stopped by the session."""
     import requests
 
@@ -226,6 +250,7 @@ def orthanc(sample_data, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "ORTHANC_HTTP_PORT": str(port), "ORTHANC_DIR": str(root)}
     log = root / "orthanc.log"
+    started = time.perf_counter()
     with open(log, "wb") as log_file:
         process = subprocess.Popen(["bash", str(PACS_SCRIPT), "serve"], stdout=log_file, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
@@ -245,19 +270,29 @@ def orthanc(sample_data, tmp_path_factory):
             time.sleep(0.2)  # poll interval
         series = [sample_data["dicom_series"][name] for name in ("ct_phantom_2", "mni152_t1")]
         subprocess.run(["bash", str(PACS_SCRIPT), "upload", *series], env=env, check=True, capture_output=True)
+        pacs_timings["orthanc_start_and_upload_143_instances"] = time.perf_counter() - started
         yield pacs
     finally:
         stop(process)
 
 
 @pytest.fixture(scope="session")
-def pacs_server(orthanc, tmp_path_factory):
-    """A MONAI Label server on Orthanc's DICOMweb (``--studies <orthanc>/dicom-web``), cache in a temporary folder."""
-    root = tmp_path_factory.mktemp("pacs-server")
-    with pytest.MonkeyPatch.context() as patch:  # read by the server process when it starts
-        patch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", PACS_SEARCH_FILTER)
-        patch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(root / "dicomweb-cache"))
-        servers = serve(root, orthanc.dicomweb)
-        server = next(servers)
-    yield server
-    servers.close()
+def pacs_serve(orthanc):
+    """Starts a MONAI Label server on Orthanc's DICOMweb with its own cache: ``yield from pacs_serve(root)``."""
+
+    def start(root: Path, *extra: str):
+        with pytest.MonkeyPatch.context() as patch:  # read by the server process when it starts
+            patch.setenv("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", PACS_SEARCH_FILTER)
+            patch.setenv("MONAI_LABEL_DICOMWEB_CACHE_PATH", str(root / "dicomweb-cache"))
+            servers = serve(root, orthanc.dicomweb, *extra)
+            server = next(servers)
+        yield server
+        servers.close()
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def pacs_server(pacs_serve, tmp_path_factory):
+    """A MONAI Label server with ``--studies <orthanc>/dicom-web``, shared by the PACS tests."""
+    yield from pacs_serve(tmp_path_factory.mktemp("pacs-server"))
