@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# tests/pacs: Orthanc + DICOMweb and headless Chromium from apt (instant when present); without them
+# (not root, no sudo) those tests are skipped with the reason
+bash scripts/pacs.sh install --browser || echo "test: could not install Orthanc/Chromium; tests/pacs will skip" >&2
 export PATH="$PWD/.venv/bin:$PATH"
 # Two cores: keep torch from oversubscribing them while a test server runs beside pytest.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
