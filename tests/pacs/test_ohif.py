@@ -20,14 +20,18 @@ server's ``/proxy/dicom/{qido,wado}``. Then, as a user would, in the MONAI Label
    ``params = {"label_info": [...]}`` and the viewer's labelmap as ``label.bin``. The DICOM-SEG
    that lands in Orthanc holds exactly the viewer's liver voxels.
 
-Times (first infer on a fresh server cache, i.e. with the DICOMweb download and conversion;
-second infer on the same series; the save) go to ``test-artifacts/pacs_timings.json``.
+Times go to ``test-artifacts/pacs_timings.json``: the first infer of a server with an empty cache
+(the process's first request: the model loads; the series is downloaded and converted unless the
+server did it at start-up, which it does when the PACS already holds a DICOM-SEG of it -- both
+are also taken from the server log), the second infer on the same series, the label save.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -271,10 +275,24 @@ def test_ohif_segments_the_liver_with_medsegx_and_saves_it_to_the_pacs(
     assert [str(s.SegmentLabel) for s in dataset.SegmentSequence] == [LABEL]
     np.testing.assert_array_equal(seg_on_grid(dataset, truth) > 0, viewer_liver)
 
-    pacs_timings["ohif_first_infer_with_dicomweb_download_and_conversion"] = (first["end"] - first["start"]) / 1000
+    pacs_timings["ohif_first_infer_empty_server_cache"] = (first["end"] - first["start"]) / 1000
     pacs_timings["ohif_second_infer_same_series"] = (second["end"] - second["start"]) / 1000
     pacs_timings["label_save_to_dicom_seg"] = saved["ms"] / 1000
+    pacs_timings.update(server_dicomweb_times(ohif_server.log))
     print(f"\nscreenshot: {screenshot}\nDice {dice:.3f}; timings: {pacs_timings}")
+
+
+def server_dicomweb_times(log: Path) -> dict[str, float]:
+    """The CT series' download and DICOM -> NIfTI conversion, as MONAI Label logged them (first of each).
+
+    The server downloads a series at its first use: the first infer, or at start-up when the PACS
+    already holds a DICOM-SEG of it (the datastore then reads that label back).
+    """
+    patterns = {"server_dicomweb_series_download": r"Time to download: ([0-9.]+)",
+                "server_dicom_to_nifti_conversion": r"dicom_to_nifti latency : ([0-9.]+)"}
+    text = log.read_text(errors="replace")
+    found = {name: re.search(pattern, text) for name, pattern in patterns.items()}
+    return {name: float(match.group(1)) for name, match in found.items() if match}
 
 
 def fetch_study_uid(orthanc, series_uid: str) -> str:
