@@ -134,3 +134,14 @@ def test_second_save_adds_a_version_and_the_newest_is_the_final_label(client, pa
     finally:
         store._observer.stop()
     assert orthanc_instances(orthanc) == after
+
+
+def test_an_empty_final_label_is_kept_in_the_cache_and_not_sent(client, orthanc, series, sample_data, tmp_path):
+    truth = nib.load(sample_data["ground_truth"]["mni152_t1_dicom"])
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(truth.shape, np.uint8), truth.affine), empty)
+    before = orthanc_instances(orthanc)
+
+    save_final(client, series["MR"], empty, [])  # 0.8.5 alone: FileNotFoundError '' (no SEG to upload)
+
+    assert orthanc_instances(orthanc) == before

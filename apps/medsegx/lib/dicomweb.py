@@ -108,6 +108,9 @@ class PACSDatastore(DICOMWebDatastore):
             converted = label_filename = binary_to_image(self.get_image_uri(image_id), label_filename)
         try:
             values = _label_values(label_filename)
+            if not values:  # upstream would fail reading the DICOM-SEG dcmqi refused to write
+                logger.warning("%s: empty final label kept in the cache only (a DICOM-SEG needs a segment)", image_id)
+                return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
             named = segment_names(values, label_info.get("label_info"), self.app_labels)
             return super().save_label(image_id, label_filename, label_tag, {**label_info, "label_info": named})
         finally:
