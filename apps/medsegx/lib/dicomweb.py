@@ -15,7 +15,8 @@ fixes them and keeps everything else (client, cache, upload) as upstream builds 
    non-zero value gets the i-th entry), not by the entry's ``idx``: a label holding values
    {1, 3} with ``label_info`` for 1, 2, 3 names segment 3 after label 2, and a label saved
    without ``label_info`` gets segments called ``unknown``. Here each value is named by its
-   ``idx`` entry, else positionally as upstream, else from the app's label map.
+   ``idx`` entry, else positionally as upstream, else from the app's label map. (An empty
+   label, which upstream fails to upload, stays in the cache.)
 3. A DICOM-SEG read back from the PACS (a new cache, another server, the train task's
    process) becomes a label covering only the slices that hold a segment (pydicom-seg's
    reader returns the frames' extent), so it no longer matches its image (upstream #305,
@@ -38,6 +39,7 @@ import pathlib
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -63,14 +65,14 @@ class SegSeries:
 
 
 class PACSDatastore(DICOMWebDatastore):
-    """Upstream's DICOMweb datastore with the four fixes of this module's docstring.
+    """Upstream's DICOMweb datastore with the fixes listed in this module's docstring.
 
     Build it with :meth:`adopt` from the datastore MONAI Label made (its constructor builds the
     DICOMweb client from the server settings and starts the cache's file watcher; neither is
     repeated here).
     """
 
-    app_labels: Mapping[str, int] = {}
+    app_labels: Mapping[str, int] = MappingProxyType({})  # set by adopt()
 
     @classmethod
     def adopt(cls, upstream: DICOMWebDatastore, app_labels: Mapping[str, int]) -> "PACSDatastore":
