@@ -4,7 +4,13 @@
 encoder's output for an (image, slice, context) triple is kept in a small LRU cache, so a
 second box (or extra points) on the same slice under the same context costs only the
 prompt encoder and mask decoder. The context is part of the key because ConMoAE
-conditions the *encoder* on it.
+conditions the *encoder* on it -- except while the adapters are inert (every expert's Up
+layer zero, the model before fine-tuning): then the embedding is the same under every label
+and a label switch on a cached slice costs the decoder only.
+
+The encoder and decoder run through ``medsegx.runtime.ServingRuntime``: PyTorch eager, or
+OpenVINO graphs on the CPU (``runtime="auto"``, what the app uses), re-exported off the
+request path whenever the weights change.
 
 Frames (``docs/ARCHITECTURE.md``, ``medsegx.transforms``): boxes and points are given in
 original-image pixels, boxes ``(x0, y0, x1, y1)`` as **inclusive** indices (x = column,
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 
 from medsegx.metrics import dice
+from medsegx.runtime import ServingRuntime
 from medsegx.taxonomy import TaskContext
 from medsegx.transforms import (
     ResizeInfo,
@@ -129,6 +137,7 @@ class Prediction:
         encode_ms: resize + normalise + image encoder (0 on a cache hit).
         decode_ms: prompt encoder + mask decoder.
         post_ms: choosing the output and resizing the mask to the original size.
+        runtime: what ran the decoder: ``"openvino"`` or ``"eager"``.
     """
 
     mask: np.ndarray
@@ -143,11 +152,13 @@ class Prediction:
     encode_ms: float
     decode_ms: float
     post_ms: float
+    runtime: str = "eager"
 
     @property
     def timings(self) -> dict[str, float | bool]:
         return {"encode_ms": self.encode_ms, "decode_ms": self.decode_ms, "post_ms": self.post_ms,
-                "total_ms": self.encode_ms + self.decode_ms + self.post_ms, "cache_hit": self.cache_hit}
+                "total_ms": self.encode_ms + self.decode_ms + self.post_ms, "cache_hit": self.cache_hit,
+                "runtime": self.runtime}
 
 
 @dataclass
@@ -178,6 +189,7 @@ class _Embedding:
     embeddings: torch.Tensor  # (1, 256, g, g)
     expert_gates: torch.Tensor  # (1, num_blocks, K)
     info: ResizeInfo
+    context: tuple[int, ...]  # the context it was encoded under
 
 
 class Predictor:
@@ -190,6 +202,11 @@ class Predictor:
         model: a ``MedSegXModel`` (``medsegx.build.build_model``); put in eval mode.
         cache_size: embeddings kept (lite: 4 MiB each; ViT: 256 KiB each). 0 disables caching.
         device: move the model there; ``None`` keeps the model's device.
+        runtime: ``"eager"`` (PyTorch), ``"auto"`` (OpenVINO on CPU, eager elsewhere and until
+            the graphs for the current weights are exported) or ``"openvino"``
+            (``medsegx.runtime.ServingRuntime``; the app serves with ``"auto"``).
+        runtime_cache_dir: where exported graphs are kept (``medsegx.runtime.default_cache_dir``).
+        background_export: export off the request path (``False``: the first call waits for it).
 
     Example:
         >>> predictor = Predictor(build_model("lite"))
@@ -201,7 +218,9 @@ class Predictor:
         (True, 0.0)
     """
 
-    def __init__(self, model: torch.nn.Module, cache_size: int = 8, device: str | torch.device | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, cache_size: int = 8, device: str | torch.device | None = None,
+                 runtime: str = "eager", runtime_cache_dir: str | os.PathLike | bool | None = None,
+                 background_export: bool = True) -> None:
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an integer >= 0, got {cache_size!r}")
         if device is not None:
@@ -213,6 +232,7 @@ class Predictor:
         self._lock = threading.RLock()
         self._hits = 0
         self._misses = 0
+        self.serving = ServingRuntime(self.model, runtime, cache_dir=runtime_cache_dir, background=background_export)
 
     # -- cache --------------------------------------------------------------------------
     @property
@@ -225,19 +245,32 @@ class Predictor:
             self._cache.clear()
             self._hits = self._misses = 0
 
-    def _embedding(self, image: np.ndarray, cache_key: Hashable, context: tuple[int, ...]) -> tuple[_Embedding, bool, float]:
+    def cache_key(self, image: np.ndarray, key: Hashable | None, slice_index: int | None,
+                  context: tuple[int, ...]) -> tuple:
+        """``(key or pixel hash, slice_index, context)``; the context is left out (``None``) while
+        the adapters are inert: then the encoder's output is the same under every label."""
+        context_part = None if self.serving.adapters_inert() else context
+        return (key if key is not None else _content_key(image), slice_index, context_part)
+
+    def _embedding(self, image: np.ndarray, key: Hashable | None, slice_index: int | None,
+                   context: tuple[int, ...]) -> tuple[_Embedding, bool, float]:
         """Cached encoder output for ``image`` under ``context``; (entry, hit, encode_ms). Lock held."""
+        cache_key = self.cache_key(image, key, slice_index, context)
         entry = self._cache.get(cache_key)
         if entry is not None:
             self._cache.move_to_end(cache_key)
             self._hits += 1
+            if entry.context != context:  # inert adapters: same embedding, the gates of this context
+                gates = self.model.gates_for_context(entry.expert_gates, torch.tensor([entry.context]),
+                                                     torch.tensor([context]))
+                entry = _Embedding(entry.embeddings, gates, entry.info, context)
             return entry, True, 0.0
         self._misses += 1
         start = time.perf_counter()
         tensor, info = to_model_input(image, self.model.normalize, self.device)
         context_tensor = torch.tensor([context], dtype=torch.long, device=self.device)
-        embeddings, gates = self.model.encode(tensor, context_tensor)
-        entry = _Embedding(embeddings, gates, info)
+        embeddings, gates = self.serving.current().encode(tensor, context_tensor)
+        entry = _Embedding(embeddings, gates, info, context)
         encode_ms = (time.perf_counter() - start) * 1000.0
         if self.cache_size > 0:
             self._cache[cache_key] = entry
@@ -269,7 +302,8 @@ class Predictor:
             points: optional ``(N, 3)`` rows ``(x, y, label)`` in original pixels, label 1 =
                 foreground, 0 = background; added on top of the box.
             key: cache key of the image (e.g. an image id); ``None`` hashes the pixels.
-                The cache key is ``(key, slice_index, context)``; a caller's key must change
+                The cache key is ``(key, slice_index, context)`` (context ``None`` while the
+                adapters are inert, ``cache_key``); a caller's key must change
                 whenever the pixels do.
             select: ``"iou"`` (highest predicted IoU), ``"oracle"`` (best Dice against ``gt``;
                 evaluation only) or a fixed output index 0..2.
@@ -291,9 +325,8 @@ class Predictor:
             validate_box(box, (height, width))
         select = _check_select(select, gt, (height, width))
         context_tuple = context_indices(context)
-        cache_key = (key if key is not None else _content_key(image), slice_index, context_tuple)
         with self._lock:
-            entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+            entry, hit, encode_ms = self._embedding(image, key, slice_index, context_tuple)
             return self._decode(entry, hit, encode_ms, box, point_array, select, gt)
 
     def _decode(self, entry: _Embedding, hit: bool, encode_ms: float, box, point_array, select, gt) -> Prediction:
@@ -306,7 +339,8 @@ class Predictor:
             labels = torch.from_numpy(point_array[:, 2].astype(np.int64))[None].to(self.device)
             prompt_points = (coords, labels)
         boxes = torch.from_numpy(box_model)[None].to(self.device) if box is not None else None
-        logits, iou = self.model.decode(entry.embeddings, boxes, prompt_points)
+        runtime = self.serving.current()
+        logits, iou = runtime.decode(entry.embeddings, boxes, prompt_points)
         decode_ms = (time.perf_counter() - start) * 1000.0
 
         start = time.perf_counter()
@@ -337,6 +371,7 @@ class Predictor:
             encode_ms=encode_ms,
             decode_ms=decode_ms,
             post_ms=post_ms,
+            runtime=runtime.name,
         )
 
     # -- clicks -------------------------------------------------------------------------
@@ -392,10 +427,9 @@ class Predictor:
         if box is not None:
             return self.predict(image, box, context, points=point_array, key=key, slice_index=slice_index)
         context_tuple = context_indices(context)
-        cache_key = (key if key is not None else _content_key(image), slice_index, context_tuple)
         foreground = point_array[point_array[:, 2] == 1, :2]
         with self._lock:
-            entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+            entry, hit, encode_ms = self._embedding(image, key, slice_index, context_tuple)
             if method == "scales":
                 prediction, decode_ms, post_ms = self._scales_from_clicks(entry, hit, encode_ms, point_array,
                                                                           margin, (height, width))
@@ -439,7 +473,7 @@ class Predictor:
         info = entry.info
         box_tensor = torch.from_numpy(np.stack([box_to_model(b, info) for b in boxes]))
         embeddings = entry.embeddings.expand(len(boxes), -1, -1, -1)
-        logits, iou = self.model.decode(embeddings, box_tensor.to(self.device))
+        logits, iou = self.serving.current().decode(embeddings, box_tensor.to(self.device))
         decode_ms = (time.perf_counter() - start) * 1000.0
         start = time.perf_counter()
         best_index, best_score = 0, -1.0
@@ -635,9 +669,8 @@ class Predictor:
             if z == start_slice and points is not None:
                 prediction = self.predict_clicks(image, points, context_tuple, key=key, slice_index=z, box=box)
             else:
-                cache_key = (key if key is not None else _content_key(image), z, context_tuple)
                 with self._lock:
-                    entry, hit, encode_ms = self._embedding(image, cache_key, context_tuple)
+                    entry, hit, encode_ms = self._embedding(image, key, z, context_tuple)
                     prediction = self._decode(entry, hit, encode_ms, box, None, "iou", None)
             totals["encode_ms"] += prediction.encode_ms
             totals["decode_ms"] += prediction.decode_ms

@@ -94,18 +94,43 @@ def lite_model():
     return build_model("lite")
 
 
-@pytest.fixture()
-def counting(tiny_model, monkeypatch):
-    """tiny_vit with its encoder calls counted."""
+def with_context_weights(model, adapters: bool):
+    """A copy of ``model`` with random context tables and gates; random Up layers when ``adapters``
+    (a fine-tuned model), zero Up layers otherwise (inert adapters: the label changes only the gates)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "embed" in name and "adapter" not in name or "adapter_gate" in name or "organ_gate" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif "adapter_up" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator) if adapters else torch.zeros_like(param))
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapted_tiny(tiny_model):
+    return with_context_weights(tiny_model, adapters=True)
+
+
+def count_encodes(model, monkeypatch) -> list:
     calls = []
-    encode = tiny_model.encode
+    encode = model.encode
 
     def counted(images, context):
         calls.append(context.tolist())
         return encode(images, context)
 
-    monkeypatch.setattr(tiny_model, "encode", counted)
-    return tiny_model, calls
+    monkeypatch.setattr(model, "encode", counted)
+    return calls
+
+
+@pytest.fixture()
+def counting(tiny_model, monkeypatch):
+    """tiny_vit with its encoder calls counted."""
+    return tiny_model, count_encodes(tiny_model, monkeypatch)
 
 
 def grey_image(seed: int = 0, shape=(300, 200)) -> np.ndarray:
@@ -149,8 +174,8 @@ def test_second_box_on_same_slice_hits_cache(counting):
     assert np.array_equal(first.expert_gates, second.expert_gates)
 
 
-def test_cache_key_from_pixels_context_and_slice(counting):
-    model, calls = counting
+def test_cache_key_from_pixels_context_and_slice(adapted_tiny, monkeypatch):
+    model, calls = adapted_tiny, count_encodes(adapted_tiny, monkeypatch)
     predictor = Predictor(model)
     image = grey_image()
     predictor.predict(image, (20, 30, 150, 250), LIVER)
@@ -165,6 +190,33 @@ def test_cache_key_from_pixels_context_and_slice(counting):
     assert not predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=4).cache_hit
     assert predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=3).cache_hit
     assert predictor.cache_stats.misses == len(calls) == 5
+
+
+def test_label_switch_with_inert_adapters_costs_the_decoder_only(tiny_model, monkeypatch):
+    """Zero Up layers: the embedding ignores the context, so another label reuses it; the gates
+    reported are those of the new label, as a fresh encoder pass gives them."""
+    model = with_context_weights(tiny_model, adapters=False)
+    calls = count_encodes(model, monkeypatch)
+    predictor = Predictor(model)
+    image = grey_image()
+    predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=2)
+    switched = predictor.predict(image, (20, 30, 150, 250), SPLEEN, key="vol", slice_index=2)
+    assert switched.cache_hit and len(calls) == 1
+    fresh = Predictor(model, cache_size=0).predict(image, (20, 30, 150, 250), SPLEEN)
+    assert np.allclose(switched.logits, fresh.logits, atol=1e-5)
+    assert np.allclose(switched.expert_gates, fresh.expert_gates, atol=1e-5)
+    liver_gates = predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=2).expert_gates
+    assert not np.allclose(liver_gates, switched.expert_gates, atol=1e-3)  # the label does move the gates
+
+
+def test_label_switch_after_fine_tuning_encodes_again(adapted_tiny, monkeypatch):
+    calls = count_encodes(adapted_tiny, monkeypatch)
+    predictor = Predictor(adapted_tiny)
+    image = grey_image()
+    liver = predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=2)
+    spleen = predictor.predict(image, (20, 30, 150, 250), SPLEEN, key="vol", slice_index=2)
+    assert not spleen.cache_hit and len(calls) == 2
+    assert not np.allclose(liver.logits, spleen.logits, atol=1e-4)  # the context changed the embedding
 
 
 def test_lru_eviction_and_clear(counting):

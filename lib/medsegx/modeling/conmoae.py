@@ -115,16 +115,20 @@ class ConMoAEMLP(nn.Module):
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
 
+    def context_input(self, vectors: dict) -> torch.Tensor:
+        """The context part ``[o; t; m]`` (B, 3E) of the gate input, from ``context_vectors``."""
+        organ_levels = vectors["organ"]
+        organ_weights = torch.softmax(self.adapter_organ_gate(torch.cat(organ_levels, dim=-1)), dim=-1)
+        organ = torch.einsum("ble,bl->be", torch.stack(organ_levels, dim=1), organ_weights)
+        return torch.cat([organ, vectors["task"], vectors["modality"]], dim=-1)
+
     def expert_gates(self, tokens: torch.Tensor) -> torch.Tensor:
         """Args: tokens (B, ..., C) normalised. Returns: gates (B, K), softmax over experts."""
         vectors = self._state.vectors
         if vectors is None:
             raise RuntimeError("ConMoAE block called without context: use MedSegXModel.encode(images, context)")
-        organ_levels = vectors["organ"]
-        organ_weights = torch.softmax(self.adapter_organ_gate(torch.cat(organ_levels, dim=-1)), dim=-1)
-        organ = torch.einsum("ble,bl->be", torch.stack(organ_levels, dim=1), organ_weights)
         pooled = tokens.mean(dim=tuple(range(1, tokens.ndim - 1)))
-        gate_input = torch.cat([organ, vectors["task"], vectors["modality"], self.adapter_input_embed(pooled)], dim=-1)
+        gate_input = torch.cat([self.context_input(vectors), self.adapter_input_embed(pooled)], dim=-1)
         return torch.softmax(self.adapter_gate(gate_input), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,9 @@ class MedSegXModel(nn.Module):
         backbone: "lite", "vit_b", "vit_l" or "vit_h" (or "tiny_*" in tests).
         pixel_mean, pixel_std: per-channel normalisation of 0..255 input
             (SAM's for ViT; 0 and 255 for LiteMedSAM, which expects 0..1).
+        minmax_intensity: stretch each image to its own 0..255 range first
+            (``medsegx.items.stretch_minmax``): LiteMedSAM's training and inference recipe
+            (``(x - min) / (max - min)`` of the resized image); SAM's ViTs see the plain image.
         output_mask_tokens: the decoder's mask tokens returned as the three outputs. MedSegX
             uses SAM's multimask tokens (1, 2, 3). LiteMedSAM was trained single-mask (token 0:
             the only one whose IoU head is calibrated), so the lite model returns (0, 1, 2).
@@ -32,8 +35,9 @@ class MedSegXModel(nn.Module):
     def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
                  context_state: ContextState, backbone: str,
                  pixel_mean: tuple[float, float, float], pixel_std: tuple[float, float, float],
-                 output_mask_tokens: tuple[int, int, int] = (1, 2, 3)) -> None:
+                 output_mask_tokens: tuple[int, int, int] = (1, 2, 3), minmax_intensity: bool = False) -> None:
         super().__init__()
+        self.minmax_intensity = minmax_intensity
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -80,7 +84,14 @@ class MedSegXModel(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Args: images (B, 3, h, w) float in 0..255. Returns: backbone input (pad with 0 *after* this)."""
-        return (images - self.pixel_mean) / self.pixel_std
+        return self.pixel_normalize()(images)
+
+    def pixel_normalize(self):
+        """``normalize`` as a picklable ``medsegx.items.PixelNormalize`` (for DataLoader workers)."""
+        from medsegx.items import PixelNormalize  # items imports the backbones, which import this module
+
+        return PixelNormalize(self.pixel_mean.flatten().tolist(), self.pixel_std.flatten().tolist(),
+                              minmax=self.minmax_intensity)
 
     def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the image encoder under a context.
@@ -105,6 +116,28 @@ class MedSegXModel(nn.Module):
         finally:
             state.vectors, state.gates = None, []
         return embeddings, gates
+
+    def gates_for_context(self, gates: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One image's expert gates under ``target``, from its gates under ``source``.
+
+        Per block ``g = softmax(W [o; t; m; u] + b)``, where only ``u`` (the pooled tokens)
+        depends on the image. Softmax ignores a shift, so ``softmax(log g + W[:, :3E] ([o; t; m]
+        of target - of source))`` are the gates under ``target`` -- exact while the tokens do not
+        depend on the context, i.e. while the adapters are inert (the embedding-cache case).
+
+        Args:
+            gates: (B, num_blocks, K) from ``encode`` under ``source``.
+            source, target: (B, 5) long contexts.
+        """
+        state_source = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, source)
+        state_target = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, target)
+        regated = []
+        for index, block in enumerate(self.conmoae_blocks):
+            width = 3 * block.adapter_input_embed.out_features  # organ, task, modality come first
+            shift = (block.context_input(state_target) - block.context_input(state_source)) @ \
+                block.adapter_gate.weight[:, :width].T
+            regated.append(torch.softmax(torch.log(gates[:, index].clamp_min(1e-30)) + shift, dim=-1))
+        return torch.stack(regated, dim=1)
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
                points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,476 @@
+"""An optimised CPU runtime (OpenVINO) for the image encoder and the prompt encoder + mask decoder.
+
+``Predictor`` runs the model through a runtime object with two calls, ``encode(images, context)``
+and ``decode(embeddings, boxes, points)``, the ``MedSegXModel`` signatures. ``EagerRuntime`` is
+the model itself (the GPU path, and the fallback); ``OpenVINORuntime`` runs two exported graphs:
+
+- ``EncoderGraph``: ``images (B, 3, 256, 256)`` normalised + padded, ``context (B, 5)`` int64
+  -> ``embeddings (B, 256, g, g)``, ``expert_gates (B, num_blocks, K)``. The ConMoAE adapters,
+  gates and context tables are inside the graph; the context is an input.
+- ``DecoderGraph``: ``embeddings (1, 256, g, g)``, ``point_coords (B, N, 2)`` in the 256 frame,
+  ``point_labels (B, N)`` float -> ``logits (B, 3, 256, 256)``, ``iou (B, 3)``. Boxes and clicks
+  are one point list, SAM's ONNX layout: a box is two corner rows labelled 2 and 3, clicks are
+  labelled 1 (foreground) / 0 (background), and a prompt without a box gets one padding row
+  labelled -1 -- exactly the rows the eager prompt encoder builds, so the outputs match it.
+
+OpenVINO was chosen over ONNX Runtime by ``bench/runtimes.py`` on the 2-core CPU this project
+targets (ARCHITECTURE.md, "Runtime"). The graphs are converted straight from PyTorch
+(``openvino.convert_model``), compiled with the latency hint on ``torch.get_num_threads()``
+threads, and, given a ``cache_dir``, saved as IR under a hash of the weights, so a restart with
+the same weights skips the conversion. The weights are constants of the graphs: new weights
+(a published fine-tuned checkpoint) mean a new export (``Predictor`` does it off the request
+path and runs eager meanwhile).
+
+OpenVINO may hand back (and write into) buffers it owns: every output is copied before it
+leaves this module, and inputs are passed as fresh arrays, so a cached embedding is never
+aliased by the runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DecoderGraph",
+    "EagerRuntime",
+    "EncoderGraph",
+    "OpenVINORuntime",
+    "RuntimeUnavailable",
+    "ServingRuntime",
+    "adapters_inert",
+    "default_cache_dir",
+    "weights_stamp",
+    "prompt_rows",
+    "runtime_available",
+    "weights_digest",
+]
+
+#: Point labels of the decoder graph (SAM's ONNX convention).
+PAD_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -1.0, 0.0, 1.0, 2.0, 3.0
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The optimised runtime is not installed, or this model cannot be exported."""
+
+
+class EagerRuntime:
+    """The model's own ``encode`` / ``decode`` (PyTorch eager)."""
+
+    name = "eager"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(images, context)
+
+    def decode(self, embeddings, boxes, points=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode(embeddings, boxes, points)
+
+
+class EncoderGraph(nn.Module):
+    """``MedSegXModel.encode`` as a module with tensor inputs only (for export)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, context: torch.Tensor):
+        return self.model.encode(images, context)
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder of ``MedSegXModel.decode`` on one point list (for export).
+
+    Args (forward):
+        embeddings: ``(1, 256, g, g)`` one image's embedding, shared by all ``B`` prompts.
+        point_coords: ``(B, N, 2)`` XY in the 256 x 256 input frame.
+        point_labels: ``(B, N)`` float: -1 padding, 0 background, 1 foreground, 2 / 3 box corners.
+
+    Returns:
+        logits ``(B, 3, 256, 256)`` and predicted IoU ``(B, 3)`` of the model's three outputs.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+        self.output_mask_tokens = list(model.output_mask_tokens)
+        self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def forward(self, embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+        prompt = self.prompt_encoder
+        batch = point_coords.shape[0]
+        height, width = prompt.input_image_size
+        coords = point_coords + 0.5  # pixel centres, as SamPromptEncoder does
+        coords = torch.stack([coords[..., 0] / width, coords[..., 1] / height], dim=-1)
+        encoded = prompt.pe_layer._pe_encoding(coords)
+        labels = point_labels.unsqueeze(-1)
+        sparse = encoded * (labels != PAD_LABEL).to(encoded.dtype)
+        sparse = sparse + prompt.not_a_point_embed.weight * (labels == PAD_LABEL).to(encoded.dtype)
+        for index in range(4):  # background, foreground, box top-left, box bottom-right
+            sparse = sparse + prompt.point_embeddings[index].weight * (labels == index).to(encoded.dtype)
+        grid = embeddings.shape[-2:]
+        dense = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, grid[0], grid[1])
+        image = embeddings.expand(batch, -1, -1, -1)  # == B: the decoders skip their own repeat
+        logits, iou = self.mask_decoder.predict_masks(
+            image_embeddings=image, image_pe=self.image_pe, sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+        )
+        return logits[:, self.output_mask_tokens], iou[:, self.output_mask_tokens]
+
+
+def prompt_rows(boxes: torch.Tensor | None, points: tuple[torch.Tensor, torch.Tensor] | None,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder graph's point list for ``MedSegXModel.decode``'s ``boxes`` / ``points``.
+
+    The eager prompt encoder embeds the clicks first, then the box's two corners; clicks
+    without a box get one padding point. Returns ``(coords (B, N, 2), labels (B, N))`` float32.
+    """
+    parts_coords, parts_labels = [], []
+    if points is not None:
+        coords, labels = (np.asarray(t.detach().cpu(), dtype=np.float32) for t in points)
+        parts_coords.append(coords)
+        parts_labels.append(labels)
+        if boxes is None:
+            parts_coords.append(np.zeros((coords.shape[0], 1, 2), dtype=np.float32))
+            parts_labels.append(np.full((coords.shape[0], 1), PAD_LABEL, dtype=np.float32))
+    if boxes is not None:
+        corners = np.asarray(boxes.detach().cpu(), dtype=np.float32).reshape(-1, 2, 2)
+        parts_coords.append(corners)
+        parts_labels.append(np.broadcast_to(np.array([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], dtype=np.float32),
+                                            corners.shape[:2]))
+    if not parts_coords:
+        raise ValueError("a prompt needs a box or points")
+    return (np.ascontiguousarray(np.concatenate(parts_coords, axis=1)),
+            np.ascontiguousarray(np.concatenate(parts_labels, axis=1)))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Hash of every parameter and buffer (names, shapes, values): the exported graphs' identity."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def runtime_available() -> str | None:
+    """``None`` when OpenVINO imports, else why not (one line)."""
+    try:
+        import openvino  # noqa: F401
+    except Exception as err:  # ImportError, or a broken binary wheel
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    size = model.image_size
+    images = torch.zeros(1, 3, size, size)
+    context = torch.zeros(1, 5, dtype=torch.long)
+    with torch.no_grad():
+        embeddings, _ = model.encode(images, context)
+    coords = torch.tensor([[[10.0, 20.0], [100.0, 120.0]]])
+    labels = torch.tensor([[BOX_TOP_LEFT, BOX_BOTTOM_RIGHT]])
+    return (images, context), (embeddings[:1], coords, labels)
+
+
+class OpenVINORuntime:
+    """The encoder and decoder graphs compiled by OpenVINO for the CPU.
+
+    Args:
+        model: a ``MedSegXModel`` on the CPU; a deep copy is exported, so the caller may keep
+            using (and training) ``model`` meanwhile.
+        num_threads: inference threads (default ``torch.get_num_threads()``).
+        cache_dir: keep the converted IR (``<digest>/encoder.xml`` ...) and OpenVINO's compiled
+            blobs here; ``None`` converts every time.
+        copy_model: export a deep copy (``False``: ``model`` is a private copy already).
+
+    Raises:
+        RuntimeUnavailable: OpenVINO is missing or the conversion failed (the message says why).
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: nn.Module, num_threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, copy_model: bool = True) -> None:
+        missing = runtime_available()
+        if missing:
+            raise RuntimeUnavailable(f"openvino is not importable ({missing})")
+        import openvino as ov
+
+        start = time.perf_counter()
+        if copy_model:
+            model = copy.deepcopy(model).cpu().eval()
+        self.digest = weights_digest(model)
+        self.num_threads = int(num_threads or torch.get_num_threads())
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.num_threads,
+                  "INFERENCE_PRECISION_HINT": "f32"}
+        folder = Path(cache_dir) / f"{self.digest}-ov{ov.get_version().split('-')[0]}" if cache_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(folder / "compiled")})
+        try:
+            encoder, decoder = self._converted(ov, model, folder)
+            self._encoder = core.compile_model(encoder, "CPU", config)
+            self._decoder = core.compile_model(decoder, "CPU", config)
+        except Exception as err:  # conversion / compilation errors come in many types
+            raise RuntimeUnavailable(f"OpenVINO export failed: {type(err).__name__}: {err}") from err
+        self._encode_request = self._encoder.create_infer_request()
+        self._decode_request = self._decoder.create_infer_request()
+        self.export_s = time.perf_counter() - start
+        logger.info("OpenVINO runtime ready in %.1f s (%d threads, weights %s)", self.export_s, self.num_threads,
+                    self.digest[:8])
+
+    @staticmethod
+    def _converted(ov, model: nn.Module, folder: Path | None):
+        paths = (folder / "encoder.xml", folder / "decoder.xml") if folder is not None else None
+        if paths is not None and all(p.is_file() for p in paths):
+            return ov.Core().read_model(paths[0]), ov.Core().read_model(paths[1])
+        encoder_inputs, decoder_inputs = _example_inputs(model)
+        with torch.no_grad():
+            encoder = ov.convert_model(EncoderGraph(model), example_input=encoder_inputs,
+                                       input=[("images", [1, 3, model.image_size, model.image_size]),
+                                              ("context", [1, 5], ov.Type.i64)])
+            grid = decoder_inputs[0].shape[-1]
+            decoder = ov.convert_model(DecoderGraph(model), example_input=decoder_inputs,
+                                       input=[("embeddings", [1, decoder_inputs[0].shape[1], grid, grid]),
+                                              ("point_coords", [-1, -1, 2]), ("point_labels", [-1, -1])])
+        if paths is not None:
+            ov.save_model(encoder, paths[0], compress_to_fp16=False)
+            ov.save_model(decoder, paths[1], compress_to_fp16=False)
+        return encoder, decoder
+
+    def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``MedSegXModel.encode``; returns tensors that own their memory.
+
+        The graph takes one image (TinyViT's ``len(x)`` fixes the batch at export, and on 2
+        cores a batch of 2 or 4 is no faster per image: ``bench/runtimes.py``); a batch runs
+        image by image.
+        """
+        images = images.detach().cpu().numpy()
+        context = context.detach().cpu().numpy()
+        embeddings, gates = [], []
+        for index in range(images.shape[0]):
+            result = self._encode_request.infer({0: np.array(images[index:index + 1], dtype=np.float32),
+                                                 1: np.array(context[index:index + 1], dtype=np.int64)})
+            embeddings.append(np.array(result[0], dtype=np.float32, copy=True))
+            gates.append(np.array(result[1], dtype=np.float32, copy=True))
+        return torch.from_numpy(np.concatenate(embeddings)), torch.from_numpy(np.concatenate(gates))
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
+               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``MedSegXModel.decode``: ``B`` prompts on one embedding (``(1, ...)`` or expanded to
+        ``(B, ...)``) run as one batch; distinct embeddings run one graph call each."""
+        coords, labels = prompt_rows(boxes, points)
+        if embeddings.shape[0] > 1 and embeddings.stride(0) != 0:
+            rows = [self._decode_one(embeddings[i:i + 1], coords[i:i + 1], labels[i:i + 1])
+                    for i in range(embeddings.shape[0])]
+            return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+        return self._decode_one(embeddings[:1], coords, labels)
+
+    def _decode_one(self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
+        # a copy: OpenVINO may use an input buffer in place, and this one is a cached embedding
+        image = np.array(embedding.detach().cpu().numpy(), dtype=np.float32, copy=True)
+        result = self._decode_request.infer({0: image, 1: coords, 2: labels})
+        return (torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)),
+                torch.from_numpy(np.array(result[1], dtype=np.float32, copy=True)))
+
+
+def exportable(model: nn.Module) -> str | None:
+    """``None`` when ``model`` can run on the optimised runtime, else why not."""
+    for attribute in ("encode", "decode", "prompt_encoder", "mask_decoder", "output_mask_tokens", "image_size"):
+        if not hasattr(model, attribute):
+            return f"{type(model).__name__} is not a MedSegXModel (no {attribute})"
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"the model is on {device} (the runtime is for the CPU)"
+    return None
+
+
+RUNTIME_MODES = ("auto", "openvino", "eager")
+
+
+def default_cache_dir() -> Path:
+    """``$MEDSEGX_RUNTIME_CACHE``, else ``$XDG_CACHE_HOME/medsegx/runtime`` (``~/.cache/...``): outside any repository."""
+    configured = os.environ.get("MEDSEGX_RUNTIME_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medsegx" / "runtime"
+
+
+def weights_stamp(model: nn.Module) -> tuple[int, int]:
+    """Changes whenever any parameter or buffer is written in place (``load_state_dict``, an optimiser step).
+
+    PyTorch counts in-place writes per tensor (``Tensor._version``); summing them costs
+    microseconds, where hashing the weights (``weights_digest``) costs tens of milliseconds.
+    """
+    tensors = list(model.parameters()) + list(model.buffers())
+    return id(model), sum(int(t._version) for t in tensors)
+
+
+def adapters_inert(model: nn.Module) -> bool:
+    """True when every ConMoAE expert's Up layer is zero: the encoder's output ignores the context.
+
+    ``out = MLP(x) + 0.1 * sum_k g_k * Up_k(...)`` is ``MLP(x)`` whatever the gates are, so the
+    embedding of a slice is the same under every label (the embedded model before fine-tuning).
+    A model without ConMoAE blocks counts as not inert.
+    """
+    blocks = getattr(model, "conmoae_blocks", None)
+    if not blocks:
+        return False
+    with torch.no_grad():
+        return all(not up.weight.any() and not up.bias.any() for block in blocks for up in block.adapter_up)
+
+
+class ServingRuntime:
+    """Picks, per call, the runtime that serves ``model`` as its weights are *now*.
+
+    The compiled graphs hold the weights they were exported with. ``current()`` compares the
+    model's ``weights_stamp`` with the graphs': when the weights changed (a published
+    checkpoint loaded in place), it starts a new export -- in a background thread by default,
+    from a copy of the model taken at once -- and answers ``EagerRuntime`` until that export
+    is ready, so no request ever runs stale weights. Eager also serves when the model is not
+    on the CPU, is training or runs Monte-Carlo dropout, when OpenVINO is missing, and after
+    an export failed (one log line each, never an exception).
+
+    Args:
+        model: the served ``MedSegXModel`` (or any model with ``encode`` / ``decode``).
+        mode: ``"auto"`` (OpenVINO on CPU when possible), ``"openvino"`` (the same, but a
+            failure is logged as an error) or ``"eager"``.
+        cache_dir: where converted graphs are kept (``default_cache_dir()`` when ``None``;
+            ``False`` keeps nothing on disk).
+        background: export in a thread (the request path never waits); ``False`` exports
+            inside the first ``current()`` call.
+        keep: converted weight sets kept in ``cache_dir`` (least recently used are removed).
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "auto", cache_dir: str | os.PathLike | bool | None = None,
+                 background: bool = True, keep: int = 4) -> None:
+        if mode not in RUNTIME_MODES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIME_MODES)}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.cache_dir = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+        self.background = background
+        self.keep = keep
+        self.eager = EagerRuntime(model)
+        self.last_export_s: float | None = None
+        self.last_error: str | None = None
+        self._compiled: OpenVINORuntime | None = None
+        self._compiled_stamp: tuple | None = None
+        self._pending_stamp: tuple | None = None
+        self._failed_stamp: tuple | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Condition()
+        self._inert: tuple[tuple | None, bool] = (None, False)
+        reason = None if mode == "eager" else runtime_available() or exportable(model)
+        if reason is not None:
+            log = logger.error if mode == "openvino" else logger.info
+            log("serving with eager PyTorch: %s", reason)
+            self.mode = "eager"
+
+    @property
+    def name(self) -> str:
+        """``"openvino"`` when the compiled graphs serve the current weights, else ``"eager"``."""
+        compiled = self._compiled
+        return compiled.name if compiled is not None and self._compiled_stamp == weights_stamp(self.model) else "eager"
+
+    def adapters_inert(self) -> bool:
+        """``adapters_inert(model)``, recomputed only when the weights changed."""
+        stamp = weights_stamp(self.model)
+        if self._inert[0] != stamp:
+            self._inert = (stamp, adapters_inert(self.model))
+        return self._inert[1]
+
+    def current(self) -> EagerRuntime | OpenVINORuntime:
+        """The runtime for the next call. Call with the model's users serialised (the predictor's lock)."""
+        if self.mode == "eager" or self.model.training or getattr(getattr(self.model, "_context_state", None),
+                                                                 "mc_dropout", False):
+            return self.eager
+        stamp = weights_stamp(self.model)
+        with self._ready:
+            if self._compiled is not None and self._compiled_stamp == stamp:
+                return self._compiled
+            if stamp in (self._pending_stamp, self._failed_stamp):
+                return self.eager
+            self._pending_stamp = stamp
+        snapshot = copy.deepcopy(self.model).cpu().eval()  # now, while no request changes the weights
+        if self.background:
+            self._thread = threading.Thread(target=self._export, args=(snapshot, stamp), name="medsegx-export",
+                                            daemon=True)
+            self._thread.start()
+            return self.eager
+        self._export(snapshot, stamp)
+        return self._compiled if self._compiled_stamp == stamp else self.eager
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the compiled graphs serve the current weights (starting the export if needed).
+
+        Returns False on timeout, in eager mode, or when the export failed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.current()
+        with self._ready:
+            while True:
+                stamp = weights_stamp(self.model)
+                if self.mode == "eager" or self._failed_stamp == stamp:
+                    return False
+                if self._compiled is not None and self._compiled_stamp == stamp:
+                    return True
+                if self._pending_stamp != stamp:
+                    return False  # the weights changed after the export started: call again
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._ready.wait(left)
+
+    def _export(self, snapshot: nn.Module, stamp: tuple) -> None:
+        _lower_thread_priority()
+        start = time.perf_counter()
+        try:
+            compiled = OpenVINORuntime(snapshot, num_threads=torch.get_num_threads(), cache_dir=self.cache_dir,
+                                       copy_model=False)
+        except (RuntimeUnavailable, OSError) as err:
+            (logger.error if self.mode == "openvino" else logger.warning)("serving with eager PyTorch: %s", err)
+            with self._ready:
+                self._failed_stamp, self._pending_stamp = stamp, None
+                self.last_error = str(err)
+                self._ready.notify_all()
+            return
+        self._prune_cache(compiled.digest)
+        with self._ready:
+            self._compiled, self._compiled_stamp, self._pending_stamp = compiled, stamp, None
+            self.last_export_s, self.last_error = time.perf_counter() - start, None
+            self._ready.notify_all()
+
+    def _prune_cache(self, digest: str) -> None:
+        if self.cache_dir is None or not self.cache_dir.is_dir():
+            return
+        folders = sorted((p for p in self.cache_dir.iterdir() if p.is_dir() and p.name != digest),
+                         key=lambda p: p.stat().st_mtime, reverse=True)
+        for folder in folders[max(0, self.keep - 1):]:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _lower_thread_priority(niceness: int = 10) -> None:
+    """Linux nice is per thread: an export must not slow the requests (best effort)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
