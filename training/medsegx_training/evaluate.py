@@ -150,6 +150,7 @@ def _run(config: EvalConfig, env: DistEnv) -> EvalResult | None:
     test_sets: list[dict] = []
     for data in config.data:
         dataset = shared_dataset(data, 0, env)
+        dataset.normalize = model.pixel_normalize()  # as the predictor of this backbone normalises
         test_sets.append(describe_dataset(dataset, data))
         records = {str(record.image_path): record for record in dataset.records}
         loader = eval_loader(dataset, config.batch_size, env, config.num_workers, limit=config.limit)

@@ -156,6 +156,9 @@ def _run(config: TrainConfig, env: DistEnv) -> TrainResult:
 
     seed_everything(config.seed)  # same random init (tiny backbones, fresh adapters) on every rank
     model = build_training_model(config, env.device)
+    for dataset in (train_set, val_set):  # items normalised as this backbone's predictor does (lite: min-max, 0..1)
+        if dataset is not None:
+            dataset.normalize = model.pixel_normalize()
     total, trainable = count_parameters(model)
     logger.info("model %s: %.2f M parameters, %.2f M trainable", config.backbone, total / 1e6, trainable / 1e6)
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
