@@ -3,11 +3,13 @@
     monailabel start_server --app apps/medsegx --studies <folder or DICOMweb URL> \
         [--conf backbone lite|vit_b|vit_l|vit_h] [--conf sam_checkpoint PATH] \
         [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
-        [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N]
+        [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N] \
+        [--conf max_voxels N] [--conf max_upload_mb N]
 
 Options are parsed once into ``lib.settings.AppSettings``; the app's part of the
 MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py`` and, for
-inference off the event loop (#6), ``lib/concurrency.py``; the request format is documented in
+inference off the event loop (#6), ``lib/concurrency.py``; what a client may make the server read (#8),
+``lib/guards.py``; the request format is documented in
 ``lib/infers/medsegx.py`` and ``README.md``.
 """
 
@@ -16,8 +18,8 @@ import os
 from typing import Any
 
 import medsegx
-from fastapi import HTTPException
 from monailabel.config import settings as monailabel_settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -30,6 +32,7 @@ from lib import compat
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
+from lib.guards import StudiesOnlyDatastore, check_app_image
 from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
@@ -56,7 +59,8 @@ class MedSegXApp(MONAILabelApp):
             description="Box-prompt segmentation of any MedSegDB structure, on a slice or propagated in 3D",
             version=medsegx.__version__,
         )
-        if install_in_server(self.infer_queue) and self._infers_threadpool is not None:
+        max_upload_bytes = self.settings.max_upload_mb * 1024 * 1024
+        if install_in_server(self.infer_queue, max_upload_bytes) and self._infers_threadpool is not None:
             # MONAI_LABEL_INFER_CONCURRENCY: the queue's worker thread already keeps the loop free, and
             # upstream's pool would run the task where the queue cannot stop it (docs/MONAILABEL_COMPAT.md #6)
             logger.info("MONAI_LABEL_INFER_CONCURRENCY ignored: inference runs in the app's queue")
@@ -86,6 +90,11 @@ class MedSegXApp(MONAILabelApp):
             methods.update(task_config.scoring_method() or {})
         return methods
 
+    def init_datastore(self):
+        store = super().init_datastore()
+        # a studies folder: ids, tags and symlinks stay inside it (docs/MONAILABEL_COMPAT.md #8)
+        return StudiesOnlyDatastore.adopt(store) if type(store) is LocalDatastore else store
+
     def _init_dicomweb_datastore(self):
         # upstream's DICOMweb datastore with the fixes a PACS needs (docs/MONAILABEL_COMPAT.md #7)
         return PACSDatastore.adopt(super()._init_dicomweb_datastore(), self.models["medsegx"].label_map.labels)
@@ -94,11 +103,9 @@ class MedSegXApp(MONAILabelApp):
         compat.ensure_dcmqi_on_path()  # MONAI Label would download dcmqi from GitHub
 
     def infer(self, request: dict[str, Any], datastore=None):
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            store = datastore if datastore else self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the datastore")
+        # upstream reads any existing path: only a datastore id, or the upload / session that
+        # POST /infer vetted (lib/guards.py, docs/MONAILABEL_COMPAT.md #8)
+        check_app_image(request.get("image"), datastore if datastore else self.datastore())
         return super().infer(request, datastore)
 
     def info(self):

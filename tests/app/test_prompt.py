@@ -109,3 +109,10 @@ def test_unknown_label_prompt_is_422():
     with pytest.raises(RequestError) as info:
         parse_label({"label_prompt": [7]}, LABELS)
     assert "1=liver, 2=spleen" in info.value.detail
+
+
+@pytest.mark.parametrize("label", ["x" * 129, "liver\x00", "liver\nspleen"])
+def test_a_label_name_is_short_and_printable(label):
+    # a new name is kept in model/extra_labels.json: a hostile client must not grow it by megabytes
+    with pytest.raises(RequestError, match="printable structure name of at most 128"):
+        parse_label({"label": label}, LABELS)

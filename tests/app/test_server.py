@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -169,13 +170,22 @@ def test_3d_box_on_ct_phantom(client, ct_phantom, latencies):
                               "client": again["client_wall_s"]}
 
 
-def test_dicom_series_reads_modality_from_the_header(client, sample_data):
-    series = sample_data["dicom_series"]["ct_phantom_2"]
+def test_dicom_series_reads_modality_from_the_header(server, client, sample_data):
+    """A DICOM series uploaded as a session (``PUT /session/`` with every file, as the stock client's
+    ``MONAILabelUtils.http_upload`` sends them): the server keeps it as one series folder."""
+    from monailabel.client.client import MONAILabelUtils
+
+    series = sorted(str(path) for path in Path(sample_data["dicom_series"]["ct_phantom_2"]).glob("*.dcm"))
+    status, body, _ = MONAILabelUtils.http_upload("PUT", server.url, "/session/", {}, series)
+    assert status == 200, body
+    session_id = json.loads(body)["session_id"]
     truth = nib.load(sample_data["ground_truth"]["ct_phantom_2"])
     liver = np.asarray(truth.dataobj) == CT_LABELS["liver"]
     x0, x1, y0, y1, z0, z1 = bounding_roi(liver)
     z = (z0 + z1) // 2
-    result_file, result = infer(client, series, {"label": "liver", "roi": [x0, x1, y0, y1], "slice": z})
+    result_file, result = client.infer(MODEL, "", {"label": "liver", "roi": [x0, x1, y0, y1], "slice": z},
+                                       session_id=session_id)
+    client.remove_session(session_id)
 
     assert result_file.endswith(".nii.gz")
     assert result["modality"] == "CT" and result["modality_source"] == "dicom"

@@ -15,6 +15,7 @@ def test_defaults(tmp_path):
     assert settings.checkpoint_paths == [tmp_path / "model" / "pretrained.pth", tmp_path / "model" / "medsegx.pth"]
     assert settings.tracking == "mlflow"
     assert settings.tracking_uri == f"sqlite:///{tmp_path.resolve()}/model/mlflow.db"  # never MLflow's file store
+    assert settings.max_voxels == 512 * 512 * 2000 and settings.max_upload_mb == 2048  # a long whole-body CT fits
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.backbone = "vit_b"
 
@@ -31,6 +32,12 @@ def test_labels_from_conf_or_a_file(tmp_path):
     lines.write_text("thalamus\n\nputamen\n")
     settings = AppSettings.from_conf({"labels": str(lines), "default_label": "brain"}, tmp_path)
     assert settings.labels == ("thalamus", "putamen") and settings.default_label == "brain"
+
+
+def test_input_limits_from_conf(tmp_path):
+    settings = AppSettings.from_conf({"max_voxels": "1000", "max_upload_mb": "1"}, tmp_path)
+    assert (settings.max_voxels, settings.max_upload_mb) == (1000, 1)
+    assert settings.summary()["max_voxels"] == 1000
 
 
 def test_configured_checkpoint_takes_the_pretrained_slot(tmp_path):
@@ -55,6 +62,8 @@ def test_configured_checkpoint_takes_the_pretrained_slot(tmp_path):
         ({"tracking_uri": "file:///tmp/mlruns"}, "MLflow 3 refuses the file store"),
         ({"labels": "/nowhere/labels.json"}, "--conf labels: file not found: /nowhere/labels.json"),
         ({"labels": " , "}, "names no structure"),
+        ({"max_voxels": "0"}, "--conf max_voxels 0 is not a positive integer"),
+        ({"max_upload_mb": "1.5"}, "--conf max_upload_mb '1.5' is not a non-negative integer"),
     ],
 )
 def test_bad_conf_is_one_line_naming_the_key(tmp_path, conf, message):

@@ -21,6 +21,11 @@ answers, upstream's own ``run_inference`` doing the work, but in a worker thread
   in the worker thread only; the predictor's ``with`` blocks release its locks as it unwinds);
 - a run longer than upstream's ``MONAI_LABEL_INFER_TIMEOUT`` (600 s) is stopped the same way
   and answered 504.
+
+Before a request is queued, :func:`lib.guards.vet_infer_request` checks the client's own
+``image`` / ``session_id`` / ``file`` / ``params`` (only the server's studies, uploads and
+sessions; ``docs/MONAILABEL_COMPAT.md`` #8), and :func:`install` wraps the served app in
+:class:`lib.guards.UploadLimit` (``--conf max_upload_mb``).
 """
 
 import asyncio
@@ -42,6 +47,10 @@ from fastapi.routing import APIRoute
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints import infer as upstream
 from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+from monailabel.interfaces.utils.app import app_instance
+
+from lib import guards
 
 logger = logging.getLogger(__name__)
 
@@ -238,21 +247,41 @@ async def queued_infer(
     output: Optional[upstream.ResultType] = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
-    """Upstream's ``api_run_inference`` (same parameters, same answers) run through the app's queue."""
+    """Upstream's ``api_run_inference`` (same parameters, same answers) run through the app's queue.
+
+    The client's ``image`` must be a datastore id, ``session_id`` an existing session, or an
+    image uploaded as ``file`` (checked here, while the client's own values are visible:
+    upstream turns an upload or a session into a server path before ``MONAILabelApp.infer``).
+    """
     queue: InferQueue = request.app.state.medsegx_infer_queue
-    work = functools.partial(upstream.run_inference, background_tasks, model, image, session_id, params, file,
-                             label, output)
+    instance = app_instance()
+    kind, _ = guards.vet_infer_request(image, session_id, file is not None, params, instance.datastore(),
+                                       instance.sessions())
+    work = functools.partial(_run_vetted, kind, background_tasks, model, image, session_id, params, file, label,
+                             output)
     return await queue.run(request, work)
 
 
-def install(fastapi_app: FastAPI, queue: InferQueue) -> None:
-    """Serve ``POST /infer/{model}`` of ``fastapi_app`` through ``queue``.
+def _run_vetted(kind: str, *args: Any) -> Any:
+    with guards.vetted(kind):  # MedSegXApp.infer admits the upload's / session's server path for this run only
+        try:
+            return upstream.run_inference(*args)
+        except MONAILabelException as err:
+            if err.error == MONAILabelError.INVALID_INPUT:  # upstream: "no model 'x' available" -> a 500
+                raise HTTPException(status_code=404, detail=err.msg) from None
+            raise
+
+
+def install(fastapi_app: FastAPI, queue: InferQueue, max_upload_bytes: int | None = None) -> None:
+    """Serve ``POST /infer/{model}`` of ``fastapi_app`` through ``queue``; refuse bodies above ``max_upload_bytes``.
 
     Adds :func:`queued_infer` as the app's first route: Starlette matches routes in order, so
     it answers before upstream's route, which stays in ``monailabel.endpoints.infer.router``
     untouched. Idempotent: an app rebuilt by ``POST /reload`` only swaps its queue in.
     """
     fastapi_app.state.medsegx_infer_queue = queue
+    if max_upload_bytes is not None:
+        guards.install_upload_limit(fastapi_app, max_upload_bytes)
     routes = fastapi_app.router.routes
     if any(isinstance(route, APIRoute) and route.endpoint is queued_infer for route in routes):
         return
@@ -264,10 +293,10 @@ def install(fastapi_app: FastAPI, queue: InferQueue) -> None:
     logger.info("POST %s runs in a worker thread behind a FIFO queue (%d may wait)", INFER_PATH, queue.max_waiting)
 
 
-def install_in_server(queue: InferQueue) -> bool:
+def install_in_server(queue: InferQueue, max_upload_bytes: int | None = None) -> bool:
     """:func:`install` on ``monailabel.app:app`` when this process serves it; False otherwise (CLI, tests)."""
     served = sys.modules.get("monailabel.app")
     if served is None:
         return False
-    install(served.app, queue)
+    install(served.app, queue, max_upload_bytes)
     return True

@@ -51,6 +51,10 @@ class AppSettings:
             default ``lib.labels.DEFAULT_LABELS``. Any other name still works in a request.
         default_label: the structure assumed when a client names none (OHIF's deepgrow
             clicks, a Slicer segment still called ``Segment_1``); ``""`` = modality only.
+        max_voxels: the largest image (voxels, read from its header before loading) a request
+            may send or name; default 512 x 512 x 2000, a long whole-body CT (``lib/guards.py``).
+        max_upload_mb: the largest request body (an uploaded image, a label, a session's files),
+            refused before it is read (``docs/MONAILABEL_COMPAT.md`` #8).
     """
 
     model_dir: Path
@@ -64,10 +68,12 @@ class AppSettings:
     infer_queue: int = 8
     labels: tuple[str, ...] = ()
     default_label: str = ""
+    max_voxels: int = 512 * 512 * 2000
+    max_upload_mb: int = 2048
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
     KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri", "infer_queue",
-            "labels", "default_label")
+            "labels", "default_label", "max_voxels", "max_upload_mb")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
@@ -75,8 +81,8 @@ class AppSettings:
 
         Raises:
             AppConfigError: unknown backbone or device, a configured file that does not
-                exist, a ViT backbone without ``sam_checkpoint``, a bad ``cache_size`` or
-                ``infer_queue``.
+                exist, a ViT backbone without ``sam_checkpoint``, a bad ``cache_size``,
+                ``infer_queue``, ``max_voxels`` or ``max_upload_mb``.
         """
         model_dir = Path(app_dir).resolve() / "model"
         backbone = conf.get("backbone", "lite").strip()
@@ -95,6 +101,8 @@ class AppSettings:
 
         cache_size = _non_negative_int(conf, "cache_size", cls.cache_size)
         infer_queue = _non_negative_int(conf, "infer_queue", cls.infer_queue)
+        max_voxels = _positive_int(conf, "max_voxels", cls.max_voxels)
+        max_upload_mb = _positive_int(conf, "max_upload_mb", cls.max_upload_mb)
 
         tracking = conf.get("tracking", "mlflow").strip().lower()
         if tracking not in ("mlflow", "none"):
@@ -119,6 +127,8 @@ class AppSettings:
             infer_queue=infer_queue,
             labels=_label_names(conf.get("labels", "").strip()),
             default_label=conf.get("default_label", "").strip(),
+            max_voxels=max_voxels,
+            max_upload_mb=max_upload_mb,
             unknown_keys=unknown,
         )
 
@@ -138,6 +148,8 @@ class AppSettings:
             "cache_size": self.cache_size,
             "infer_queue": self.infer_queue,
             "default_label": self.default_label,
+            "max_voxels": self.max_voxels,
+            "max_upload_mb": self.max_upload_mb,
         }
 
 
@@ -174,6 +186,13 @@ def _non_negative_int(conf: Mapping[str, str], key: str, default: int) -> int:
         value = -1
     if value < 0:
         raise AppConfigError(f"--conf {key} {text!r} is not a non-negative integer")
+    return value
+
+
+def _positive_int(conf: Mapping[str, str], key: str, default: int) -> int:
+    value = _non_negative_int(conf, key, default)
+    if value == 0:
+        raise AppConfigError(f"--conf {key} 0 is not a positive integer")
     return value
 
 

@@ -46,6 +46,7 @@ from medsegx.taxonomy import resolve
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from lib import guards
 from lib.frames import (
     PreparedVolumes,
     intensity_signature,
@@ -130,10 +131,13 @@ class MedSegXInfer(BasicInferTask):
         return result_file, result_json
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
+        guards.check_image_file(data.get("image_path"), self.settings.max_voxels)  # header only, before loading
         try:
-            return super().run_pre_transforms(data, transforms)
+            data = super().run_pre_transforms(data, transforms)
         except Exception as err:  # unreadable / unsupported file: the client's input, not a server fault
             raise RequestError(f"cannot read image {data.get('image_path')}: {type(err).__name__}: {err}") from err
+        guards.check_loaded(data["image"])
+        return data
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         image = data["image"]

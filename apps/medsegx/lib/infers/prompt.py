@@ -32,6 +32,8 @@ ROI_LAYOUT = "[i_a, i_b, j_a, j_b, k_a, k_b] voxel indices (3D Slicer's ROI layo
 _NO_PROMPT = f"a prompt is required: roi = {ROI_LAYOUT}, or at least one foreground click [i, j, k]"
 #: The most points one request may carry (Slicer and OHIF send a handful).
 MAX_POINTS = 1000
+#: The longest structure name a request may carry (MedSegDB names and Slicer segment names are short).
+MAX_LABEL_CHARS = 128
 #: 3D Slicer names new segments "Segment_1", "Segment_2", ...: not a structure name.
 _UNNAMED_SEGMENT = re.compile(r"^segment[_ ]?\d*$", re.IGNORECASE)
 
@@ -248,11 +250,17 @@ def parse_label(params: Mapping[str, Any], labels: Mapping[str, int], default: s
         default: the structure to assume when the client names none ("" = modality only).
 
     Raises:
-        RequestError: 422 for a ``label_prompt`` that is not a value of ``labels``.
+        RequestError: 422 for a ``label_prompt`` that is not a value of ``labels``, or a ``label``
+            longer than ``MAX_LABEL_CHARS`` or holding control characters.
     """
     label = params.get("label")
     if isinstance(label, str) and label.strip() and not _UNNAMED_SEGMENT.match(label.strip()):
-        return label.strip()
+        name = label.strip()
+        if len(name) > MAX_LABEL_CHARS or not name.isprintable():
+            # a new name is kept in the label map (model/extra_labels.json): no megabyte or control-character names
+            raise RequestError(f"label must be a printable structure name of at most {MAX_LABEL_CHARS} characters, "
+                               f"got {len(name)} characters: {name[:40]!r}...")
+        return name
     prompt = params.get("label_prompt")
     if not _empty(prompt):
         values = _numbers(prompt if isinstance(prompt, (list, tuple, str)) else [prompt], "label_prompt")
