@@ -64,13 +64,28 @@ def hostile(tmp_path_factory, server_launcher):
     servers.close()
 
 
+#: (what was sent, status, detail, seconds) of every request, printed at the end (``pytest -s``).
+ANSWERS: list[tuple[str, int, str, float]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def answers_table():
+    yield
+    print("\nhostile inputs and their answers:")
+    for sent, status, message, seconds in ANSWERS:
+        print(f"  {status}  {seconds:5.2f} s  {sent[:90]}  ->  {message[:160]}")
+
+
 def post_infer(server, query: str = "image=tiny", params=None, files=None, raw_params: str | None = None):
     """``POST /infer/medsegx?<query>``; ``query`` is sent as written (already URL-encoded)."""
-    body = {"params": raw_params if raw_params is not None else json.dumps({"roi": TINY_ROI} if params is None else params)}
+    text = raw_params if raw_params is not None else json.dumps({"roi": TINY_ROI} if params is None else params)
     started = time.monotonic()
-    response = requests.post(f"{server.url}/infer/{MODEL}?{query}&output=json", data=body, files=files,
+    response = requests.post(f"{server.url}/infer/{MODEL}?{query}&output=json", data={"params": text}, files=files,
                              timeout=REQUEST_TIMEOUT_S)
     response.elapsed_s = time.monotonic() - started
+    uploaded = f" file={files['file'][0]}" if files else ""
+    ANSWERS.append((f"?{query}{uploaded} params={text[:60]}", response.status_code,
+                    detail(response) if response.status_code >= 400 else "ok", response.elapsed_s))
     return response
 
 
@@ -301,6 +316,15 @@ def test_malformed_params_text_is_a_422(hostile, raw_params):
 
 def test_an_unknown_model_is_a_4xx(hostile):
     response = requests.post(f"{hostile.url}/infer/no_such_model?image=tiny", data={"params": "{}"}, timeout=30)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+
+
+def test_the_wsi_route_reads_no_server_path(hostile):
+    # upstream's POST /infer/wsi/{model} reaches MONAILabelApp.infer without the queued endpoint's check
+    secret = hostile.outside / "secret.nii.gz"
+    response = requests.post(f"{hostile.url}/infer/wsi/{MODEL}", params={"image": str(secret)}, json={},
+                             timeout=REQUEST_TIMEOUT_S)
+    ANSWERS.append((f"POST /infer/wsi/{MODEL}?image={secret}", response.status_code, detail(response), 0.0))
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
 
 
