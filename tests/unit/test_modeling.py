@@ -190,3 +190,19 @@ def test_fused_experts_equal_the_per_expert_formula(monkeypatch):
         reference, reference_gates = model.encode(images, context)
     torch.testing.assert_close(fused_gates, reference_gates)
     assert ((fused - reference).norm() / reference.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_lite"])
+@pytest.mark.parametrize("minmax", [False, True])
+def test_pixel_normalize_is_the_models_normalize(backbone, minmax):
+    """DataLoader workers normalise with ``model.pixel_normalize()``: the same numbers as ``model.normalize``."""
+    model = build_model(backbone, pretrained=False)
+    model.minmax_intensity = minmax
+    images = torch.rand(2, 3, 40, 64) * 180 + 30  # never reaching 0 or 255: min-max changes them
+    expected = model.normalize(images)
+    assert torch.equal(model.pixel_normalize()(images), expected)
+    assert torch.equal(model.pixel_normalize()(images[1]), expected[1])  # one (3, h, w) item as MedSegDBDataset makes
+    if minmax:
+        stretched = expected * model.pixel_std + model.pixel_mean
+        assert torch.allclose(stretched.amin(dim=(1, 2, 3)), torch.zeros(2), atol=1e-3)
+        assert torch.allclose(stretched.amax(dim=(1, 2, 3)), torch.full((2,), 255.0), atol=1e-3)
