@@ -121,6 +121,8 @@ def test_a_datastore_id_is_served(hostile):
         ("image=%252Fetc%252Fpasswd", (404,), "not in the datastore"),  # double-encoded: a name, not listed
         ("image=escape", (403,), "outside the studies"),  # a symlink in the studies pointing out of them
         ("image=nothing_here", (404,), "not in the datastore"),
+        ("image=server.log", (403,), "working directory"),  # upstream reads a relative path from the server's cwd
+        ("image=outside", (403,), "working directory"),
         ("image=&session_id=..%2F..%2Fetc", (403,), "not a plain name"),
         ("image=&session_id=0f1e2d3c-0000-11ef-8000-000000000000", (404,), "session"),
         ("image=", (422,), "no image"),

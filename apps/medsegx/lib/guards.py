@@ -143,21 +143,20 @@ def parse_params(params: str) -> dict:
     return parsed
 
 
-def _datastore_image(image: str, datastore) -> str:
+def _datastore_image(image: str, datastore) -> None:
     check_name(image, "image")
+    if os.path.exists(image):  # MONAILabelApp.infer would read it from the server's working directory
+        raise _refuse(403, f"image {image!r} names a file in the server's working directory, not a study")
     if isinstance(datastore, StudiesOnlyDatastore):
         uri = LocalDatastore.get_image_uri(datastore, image)
         if uri and not datastore.inside(uri):
             raise _refuse(403, f"image {image!r} resolves outside the studies folder")
-        if not uri:
-            raise _refuse(404, f"image {image!r} is not in the datastore")
-        return uri
-    if isinstance(datastore, LocalDatastore):
+    elif type(datastore) is LocalDatastore:
         uri = datastore.get_image_uri(image)
-        if not uri:
-            raise _refuse(404, f"image {image!r} is not in the datastore")
-        return uri
-    return image  # a PACS: get_image_uri would download the series; MONAILabelApp.infer asks it once
+    else:  # a PACS (DICOMweb: a LocalDatastore subclass): get_image_uri downloads; MONAILabelApp.infer asks once
+        return
+    if not uri:
+        raise _refuse(404, f"image {image!r} is not in the datastore")
 
 
 @contextlib.contextmanager
