@@ -13,7 +13,9 @@ import io
 import json
 import os
 import shutil
+import tarfile
 import time
+import zipfile
 
 import nibabel as nib
 import numpy as np
@@ -58,7 +60,9 @@ def hostile(tmp_path_factory, server_launcher):
     os.symlink(secret, studies / "escape.nii.gz")
     servers = server_launcher.serve(root, studies, "--conf", "max_voxels", str(MAX_VOXELS),
                                     "--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "tracking", "none")
-    server = next(servers)
+    with pytest.MonkeyPatch.context() as patch:  # read by the server process when it starts
+        patch.setenv("MONAI_LABEL_AUTO_UPDATE_SCORING", "false")  # no scoring run: these tests need no scores
+        server = next(servers)
     server.root, server.studies, server.outside = root, studies, outside
     yield server
     servers.close()
@@ -260,6 +264,50 @@ def test_a_dicom_folder_mixing_series_is_refused(hostile, sample_data, tmp_path)
     assert status == 200, body
     session_id = json.loads(body)["session_id"]
     assert_refused(post_infer(hostile, f"image=&session_id={session_id}"), (422,), "mixes 2 series")
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    stream = io.BytesIO()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return stream.getvalue()
+
+
+def _tar_with_link() -> bytes:
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w:gz") as archive:
+        link = tarfile.TarInfo("series/escape.dcm")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "name, make, status, words",
+    [
+        ("bomb.zip", lambda: _zip({"zeros.nii": b"\0" * (3 * MAX_UPLOAD_MB * 1024 * 1024)}), 413, "unpacks to more"),
+        ("slip.zip", lambda: _zip({"../../evil.nii": b"x"}), 403, "outside the session folder"),
+        ("absolute.zip", lambda: _zip({"/tmp/evil.nii": b"x"}), 403, "outside the session folder"),
+        ("link.tar.gz", _tar_with_link, 403, "link or device"),
+        ("plain.nii.gz", lambda: _nifti_bytes(_tiny_ct()), 415, "zip or tar"),
+    ],
+)
+def test_session_archives_are_checked_before_unpacking(hostile, name, make, status, words):
+    payload = make()
+    assert len(payload) < MAX_UPLOAD_MB * 1024 * 1024  # small on the wire: the upload limit does not apply
+    response = requests.put(f"{hostile.url}/session/", params={"uncompress": "true"},
+                            files=[("files", (name, payload))], timeout=REQUEST_TIMEOUT_S)
+    ANSWERS.append((f"PUT /session/?uncompress=true {name}", response.status_code, detail(response), 0.0))
+    assert_refused(response, (status,), words)
+
+
+def test_a_small_zip_still_makes_a_session(hostile):
+    response = requests.put(f"{hostile.url}/session/", params={"uncompress": "true"},
+                            files=[("files", ("tiny.zip", _zip({"tiny.nii.gz": _nifti_bytes(_tiny_ct())})))],
+                            timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["session_id"]
 
 
 # --------------------------------------------------------------------------- fuzzed params

@@ -25,7 +25,8 @@ answers, upstream's own ``run_inference`` doing the work, but in a worker thread
 Before a request is queued, :func:`lib.guards.vet_infer_request` checks the client's own
 ``image`` / ``session_id`` / ``file`` / ``params`` (only the server's studies, uploads and
 sessions; ``docs/MONAILABEL_COMPAT.md`` #8), and :func:`install` wraps the served app in
-:class:`lib.guards.UploadLimit` (``--conf max_upload_mb``).
+:class:`lib.guards.UploadLimit` (``--conf max_upload_mb``) and serves ``PUT /session/`` through
+:func:`lib.guards.checked_create_session` (archives checked before they are unpacked).
 """
 
 import asyncio
@@ -285,6 +286,9 @@ def install(fastapi_app: FastAPI, queue: InferQueue, max_upload_bytes: int | Non
     routes = fastapi_app.router.routes
     if any(isinstance(route, APIRoute) and route.endpoint is queued_infer for route in routes):
         return
+    fastapi_app.router.add_api_route(guards.SESSION_PATH, guards.checked_create_session, methods=["PUT"],
+                                     tags=["Session"], summary=f"{RBAC_USER}Create new session with Image (checked)")
+    routes.insert(0, routes.pop())
     fastapi_app.router.add_api_route(INFER_PATH, queued_infer, methods=["POST"], tags=upstream.router.tags,
                                      responses=upstream.router.responses,
                                      summary=f"{RBAC_USER}Run Inference for supported model (queued)")

@@ -12,7 +12,8 @@ read, and its local datastore follows symlinks and ``..`` out of the studies fol
   studies folder only (downloads, label saves, uploads, training lists);
 - :func:`check_image_file` (header only, before loading) and :func:`check_loaded` (finite voxels);
 - :class:`UploadLimit`: an ASGI wrapper that refuses a request body above ``max_upload_mb``
-  before it is read.
+  before it is read; :func:`checked_create_session`: ``PUT /session/?uncompress=true`` unpacks
+  only an archive whose members stay in its folder and add up to at most ``max_upload_mb``.
 
 Every refusal is an ``HTTPException`` whose ``detail`` names the problem: 403 for a path outside
 the studies, 404 for an unknown id or session, 413 for too many voxels or bytes, 415 for a file
@@ -28,13 +29,21 @@ import logging
 import math
 import os
 import re
+import tarfile
 import threading
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
+from fastapi import Depends, File, HTTPException, UploadFile
+from fastapi.background import BackgroundTasks
+from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
+from monailabel.endpoints import session as upstream_session
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
 
 logger = logging.getLogger(__name__)
 
@@ -464,3 +473,67 @@ def install_upload_limit(fastapi_app, max_bytes: int) -> None:
     else:
         fastapi_app.middleware_stack = UploadLimit(stack, max_bytes)
 
+
+# --------------------------------------------------------------------------- session archives
+
+SESSION_PATH = f"{settings.MONAI_LABEL_API_STR}/session/"
+
+
+def check_archive(stream, name: str, max_bytes: int) -> None:
+    """Refuse an archive ``shutil.unpack_archive`` would unpack into a bomb or out of its folder.
+
+    Reads the member list only (a tar's headers as the stream is read, stopping at ``max_bytes``).
+
+    Raises:
+        HTTPException: 413 above ``max_bytes`` unpacked or ``MAX_SERIES_FILES`` members; 403 for
+            an absolute or ``..`` member, a link or a device; 415 for a file that is no zip or tar.
+    """
+    count, total = 0, 0
+    stream.seek(0)
+    if zipfile.is_zipfile(stream):
+        stream.seek(0)
+        with zipfile.ZipFile(stream) as archive:
+            for info in archive.infolist():
+                count, total = count + 1, total + info.file_size
+                _check_member(info.filename, count, total, name, max_bytes)
+    else:
+        stream.seek(0)
+        try:
+            with tarfile.open(fileobj=stream, mode="r:*") as archive:
+                for info in archive:  # one header at a time
+                    if not (info.isfile() or info.isdir()):
+                        raise _refuse(403, f"{name}: member {info.name!r} is a link or device; send plain files")
+                    count, total = count + 1, total + info.size
+                    _check_member(info.name, count, total, name, max_bytes)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            raise _refuse(415, f"{name}: uncompress takes a zip or tar archive ({type(err).__name__})") from None
+    stream.seek(0)
+
+
+def _check_member(member: str, count: int, total: int, name: str, max_bytes: int) -> None:
+    parts = member.replace("\\", "/").split("/")
+    if member.startswith(("/", "\\")) or ".." in parts or (len(member) > 1 and member[1] == ":"):
+        raise _refuse(403, f"{name}: member {member!r} would unpack outside the session folder")
+    if count > MAX_SERIES_FILES:
+        raise _refuse(413, f"{name}: more than {MAX_SERIES_FILES} members")
+    if total > max_bytes:
+        raise _refuse(413, f"{name}: unpacks to more than {max_bytes / (1024 * 1024):g} MB (--conf max_upload_mb)")
+
+
+def checked_create_session(
+    background_tasks: BackgroundTasks,
+    uncompress: bool = False,
+    expiry: int = 0,
+    files: list[UploadFile] = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    """Upstream's ``PUT /session/`` (same parameters and answers) with archives checked before unpacking.
+
+    A plain ``def``: FastAPI runs it in its thread pool, so reading an archive's member list and
+    copying the files (upstream's endpoint does that on the event loop) keep the loop free.
+    """
+    if uncompress:
+        max_bytes = app_instance().settings.max_upload_mb * 1024 * 1024
+        for upload in files:
+            check_archive(upload.file, upload.filename or "archive", max_bytes)
+    return upstream_session.create_session(background_tasks, uncompress, expiry, files)
