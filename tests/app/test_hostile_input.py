@@ -17,8 +17,11 @@ import tarfile
 import time
 import zipfile
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import requests
 from PIL import Image
@@ -308,6 +311,19 @@ def test_a_small_zip_still_makes_a_session(hostile):
                             timeout=REQUEST_TIMEOUT_S)
     assert response.status_code == 200, response.text[:300]
     assert response.json()["session_id"]
+
+
+def test_a_dicom_series_missing_slices_is_refused(hostile, sample_data, tmp_path):
+    from monailabel.client.client import MONAILabelUtils
+
+    files = sorted(str(path) for path in Path(sample_data["dicom_series"]["ct_phantom_2"]).glob("*.dcm"))
+    positions = [float(pydicom.dcmread(file, stop_before_pixels=True).ImagePositionPatient[2]) for file in files]
+    in_space_order = [file for _, file in sorted(zip(positions, files))]
+    kept = in_space_order[10:13] + in_space_order[15:18]  # six slices (under 1 MB), two lost between them
+    status, body, _ = MONAILabelUtils.http_upload("PUT", hostile.url, "/session/", {}, kept)
+    assert status == 200, body
+    session_id = json.loads(body)["session_id"]
+    assert_refused(post_infer(hostile, f"image=&session_id={session_id}"), (422,), "misses slices")
 
 
 # --------------------------------------------------------------------------- fuzzed params

@@ -254,7 +254,7 @@ def check_image_file(path: Any, max_voxels: int) -> None:
 
     Raises:
         HTTPException: 413 above ``max_voxels``; 415 for another file type; 422 for an unreadable
-            header, a 4D image, mixed DICOM series or a 16-bit picture.
+            header, a 4D image, a DICOM folder mixing series or missing slices, or a 16-bit picture.
     """
     if not isinstance(path, str) or not path:
         return
@@ -359,18 +359,44 @@ def _dicom_series_shape(folder: str) -> tuple[int, ...]:
                     raise _refuse(413, f"the DICOM folder holds more than {MAX_SERIES_FILES} files")
     if not files:
         raise _refuse(422, f"the folder {os.path.basename(folder)!r} holds no DICOM file")
-    series, rows, columns, frames = set(), set(), set(), 0
+    series, rows, columns, frames, positions = set(), set(), set(), 0, []
     for file in files:
         header = _dicom_header(file)
         series.add(str(getattr(header, "SeriesInstanceUID", "")))
         rows.add(int(getattr(header, "Rows", 0)))
         columns.add(int(getattr(header, "Columns", 0)))
         frames += int(getattr(header, "NumberOfFrames", 1) or 1)
+        positions.append(_slice_position(header))
     if len(series) > 1:
         raise _refuse(422, f"the DICOM folder mixes {len(series)} series; send one series")
     if len(rows) > 1 or len(columns) > 1:
         raise _refuse(422, f"the DICOM series mixes slice sizes {sorted(rows)} x {sorted(columns)}")
+    if frames == len(files) and len(files) >= 3 and None not in positions:
+        _check_slice_spacing(sorted(positions))
     return _spatial((rows.pop(), columns.pop(), frames), folder)
+
+
+def _slice_position(header) -> float | None:
+    """Position of a slice along its normal (mm): ImagePositionPatient . (row x column direction)."""
+    try:
+        orientation = [float(v) for v in header.ImageOrientationPatient]
+        position = [float(v) for v in header.ImagePositionPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(orientation) != 6 or len(position) != 3:
+        return None
+    return float(np.dot(np.cross(orientation[:3], orientation[3:]), position))
+
+
+def _check_slice_spacing(positions: list[float]) -> None:
+    gaps = np.diff(positions)
+    spacing = float(np.median(gaps))
+    if spacing <= 1e-3 or float(gaps.min()) <= 1e-3 * spacing:
+        raise _refuse(422, "the DICOM series has two slices at the same position; send one series, each slice once")
+    if float(gaps.max()) > 1.5 * spacing:
+        missing = int(round(float(gaps.max()) / spacing)) - 1
+        raise _refuse(422, f"the DICOM series misses slices: a gap of {float(gaps.max()):.2f} mm (about {missing} "
+                      f"slice(s)) where slices are {spacing:.2f} mm apart")
 
 
 def _picture_shape(path: str, max_voxels: int) -> tuple[int, ...]:
