@@ -166,6 +166,9 @@ def test_datastore_endpoints_stay_in_the_studies(hostile):
         response = requests.put(f"{url}/datastore/label", params={"image": "tiny", "tag": tag},
                                 files={"label": ("tiny.nii.gz", label)}, timeout=30)
         assert_refused(response, (403,), "label tag")
+    response = requests.put(f"{url}/datastore/label", params={"image": "nothing_here", "tag": "final"},
+                            files={"label": ("nothing_here.nii.gz", label)}, timeout=30)
+    assert_refused(response, (404,), "not in the datastore")
     response = requests.put(f"{url}/datastore/image", params={"image": "../outside/evil"},
                             files={"file": ("evil.nii.gz", label)}, timeout=30)
     assert_refused(response, (403,), "image id")

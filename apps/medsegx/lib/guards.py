@@ -236,6 +236,8 @@ class StudiesOnlyDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_name(image_id, "image")
         check_name(label_tag, "label tag")
+        if image_id not in self._datastore.objects:  # upstream raises ImageNotFoundException: a 500
+            raise _refuse(404, f"image {image_id!r} is not in the datastore; no label saved")
         return super().save_label(image_id, label_filename, label_tag, label_info)
 
     def datalist(self, full_path=True) -> list[dict[str, Any]]:
@@ -286,7 +288,9 @@ def check_loaded(image: Any) -> None:
     """
     array = image.array if hasattr(image, "array") else np.asarray(image)
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
-        bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+        slabs = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(1, -1)
+        # slab by slab: the boolean temporary stays one slab, not one byte per voxel of the volume
+        bad = sum(slab.size - int(np.count_nonzero(np.isfinite(slab))) for slab in slabs)
         if bad:
             raise _refuse(422, f"the image has {bad} NaN or infinite voxels; replace them before sending it")
 
