@@ -33,6 +33,8 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -189,6 +191,93 @@ def _example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[t
     return (images, context), (embeddings[:1], coords, labels)
 
 
+#: Niceness of the conversion child process (requests in the server keep priority).
+EXPORT_NICE = int(os.environ.get("MEDSEGX_EXPORT_NICE", "5"))
+EXPORT_TIMEOUT_S = 3600
+
+
+def ir_paths(folder: Path) -> tuple[Path, Path]:
+    return folder / "encoder.xml", folder / "decoder.xml"
+
+
+def convert(model: nn.Module):
+    """Both graphs as OpenVINO models, converted straight from PyTorch (``openvino.convert_model``)."""
+    import openvino as ov
+
+    encoder_inputs, decoder_inputs = _example_inputs(model)
+    size, (channels, grid) = model.image_size, decoder_inputs[0].shape[1:3]
+    with torch.no_grad():
+        encoder = ov.convert_model(EncoderGraph(model), example_input=encoder_inputs,
+                                   input=[("images", [1, 3, size, size]), ("context", [1, 5], ov.Type.i64)])
+        decoder = ov.convert_model(DecoderGraph(model), example_input=decoder_inputs,
+                                   input=[("embeddings", [1, channels, grid, grid]),
+                                          ("point_coords", [-1, -1, 2]), ("point_labels", [-1, -1])])
+    return encoder, decoder
+
+
+def save_ir(graphs, folder: Path) -> None:
+    """Save both graphs as IR (``.xml`` + ``.bin``), each renamed into place once complete."""
+    import openvino as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for graph, path in zip(graphs, ir_paths(folder)):
+        partial = path.with_name(f".{os.getpid()}.{path.name}")
+        ov.save_model(graph, partial, compress_to_fp16=False)
+        os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(partial, path)
+
+
+def model_registered(model: nn.Module) -> bool:
+    """A child process can rebuild this architecture from ``model.backbone`` (``medsegx.build``)."""
+    from medsegx.build import MODEL_REGISTRY
+
+    return getattr(model, "backbone", None) in MODEL_REGISTRY
+
+
+def export_in_child(model: nn.Module, folder: Path, num_threads: int) -> None:
+    """Convert ``model`` to IR in ``folder`` from a child process (``nice`` +``EXPORT_NICE``).
+
+    Raises:
+        RuntimeUnavailable: the child failed (its last error line).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f".{os.getpid()}.weights.pt"
+    torch.save(model.state_dict(), weights)
+    command = [sys.executable, "-m", "medsegx.runtime", "--backbone", model.backbone, "--weights", str(weights),
+               "--out", str(folder), "--threads", str(num_threads)]
+    if EXPORT_NICE > 0 and shutil.which("nice"):
+        command = ["nice", "-n", str(EXPORT_NICE), *command]
+    env = dict(os.environ, OMP_NUM_THREADS=str(num_threads))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=EXPORT_TIMEOUT_S, check=False)
+    finally:
+        weights.unlink(missing_ok=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise RuntimeUnavailable(f"export process failed ({done.returncode}): {lines[-1] if lines else 'no output'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medsegx.runtime --backbone lite --weights state.pt --out DIR``: save the IR of a model."""
+    import argparse
+    import warnings
+
+    from medsegx.build import build_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--weights", required=True, help="a state_dict saved with torch.save")
+    parser.add_argument("--out", required=True, help="folder for encoder.xml / decoder.xml")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")  # tracer warnings about TinyViT's shape arithmetic
+    torch.set_num_threads(args.threads)
+    model = build_model(args.backbone, pretrained=False)
+    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    save_ir(convert(model.eval()), Path(args.out))
+    return 0
+
+
 class OpenVINORuntime:
     """The encoder and decoder graphs compiled by OpenVINO for the CPU.
 
@@ -199,6 +288,9 @@ class OpenVINORuntime:
         cache_dir: keep the converted IR (``<digest>/encoder.xml`` ...) and OpenVINO's compiled
             blobs here; ``None`` converts every time.
         copy_model: export a deep copy (``False``: ``model`` is a private copy already).
+        export_process: with a ``cache_dir``, convert in a child process at lower priority
+            (``python -m medsegx.runtime``): tracing and conversion take ~1 GB for the lite
+            model, which then never counts against this process's memory.
 
     Raises:
         RuntimeUnavailable: OpenVINO is missing or the conversion failed (the message says why).
@@ -207,7 +299,8 @@ class OpenVINORuntime:
     name = "openvino"
 
     def __init__(self, model: nn.Module, num_threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, copy_model: bool = True) -> None:
+                 cache_dir: str | os.PathLike | None = None, copy_model: bool = True,
+                 export_process: bool = True) -> None:
         missing = runtime_available()
         if missing:
             raise RuntimeUnavailable(f"openvino is not importable ({missing})")
@@ -218,6 +311,7 @@ class OpenVINORuntime:
             model = copy.deepcopy(model).cpu().eval()
         self.digest = weights_digest(model)
         self.num_threads = int(num_threads or torch.get_num_threads())
+        self.export_process = export_process and model_registered(model)
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.num_threads,
                   "INFERENCE_PRECISION_HINT": "f32"}
@@ -227,6 +321,7 @@ class OpenVINORuntime:
             core.set_property({"CACHE_DIR": str(folder / "compiled")})
         try:
             encoder, decoder = self._converted(ov, model, folder)
+            del model
             self._encoder = core.compile_model(encoder, "CPU", config)
             self._decoder = core.compile_model(decoder, "CPU", config)
         except Exception as err:  # conversion / compilation errors come in many types
@@ -237,24 +332,16 @@ class OpenVINORuntime:
         logger.info("OpenVINO runtime ready in %.1f s (%d threads, weights %s)", self.export_s, self.num_threads,
                     self.digest[:8])
 
-    @staticmethod
-    def _converted(ov, model: nn.Module, folder: Path | None):
-        paths = (folder / "encoder.xml", folder / "decoder.xml") if folder is not None else None
-        if paths is not None and all(p.is_file() for p in paths):
-            return ov.Core().read_model(paths[0]), ov.Core().read_model(paths[1])
-        encoder_inputs, decoder_inputs = _example_inputs(model)
-        with torch.no_grad():
-            encoder = ov.convert_model(EncoderGraph(model), example_input=encoder_inputs,
-                                       input=[("images", [1, 3, model.image_size, model.image_size]),
-                                              ("context", [1, 5], ov.Type.i64)])
-            grid = decoder_inputs[0].shape[-1]
-            decoder = ov.convert_model(DecoderGraph(model), example_input=decoder_inputs,
-                                       input=[("embeddings", [1, decoder_inputs[0].shape[1], grid, grid]),
-                                              ("point_coords", [-1, -1, 2]), ("point_labels", [-1, -1])])
-        if paths is not None:
-            ov.save_model(encoder, paths[0], compress_to_fp16=False)
-            ov.save_model(decoder, paths[1], compress_to_fp16=False)
-        return encoder, decoder
+    def _converted(self, ov, model: nn.Module, folder: Path | None):
+        if folder is None:
+            return convert(model)
+        paths = ir_paths(folder)
+        if not all(p.is_file() for p in paths):
+            if self.export_process:
+                export_in_child(model, folder, self.num_threads)
+            else:
+                save_ir(convert(model), folder)
+        return ov.Core().read_model(paths[0]), ov.Core().read_model(paths[1])
 
     def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``MedSegXModel.encode``; returns tensors that own their memory.
@@ -374,7 +461,6 @@ class ServingRuntime:
         self.last_error: str | None = None
         self._compiled: OpenVINORuntime | None = None
         self._compiled_stamp: tuple | None = None
-        self._pending_stamp: tuple | None = None
         self._failed_stamp: tuple | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Condition()
@@ -407,16 +493,15 @@ class ServingRuntime:
         with self._ready:
             if self._compiled is not None and self._compiled_stamp == stamp:
                 return self._compiled
-            if stamp in (self._pending_stamp, self._failed_stamp):
+            if stamp == self._failed_stamp:
                 return self.eager
-            self._pending_stamp = stamp
-        snapshot = copy.deepcopy(self.model).cpu().eval()  # now, while no request changes the weights
-        if self.background:
-            self._thread = threading.Thread(target=self._export, args=(snapshot, stamp), name="medsegx-export",
-                                            daemon=True)
-            self._thread.start()
-            return self.eager
-        self._export(snapshot, stamp)
+            if self._thread is not None and self._thread.is_alive():
+                return self.eager  # one export at a time; it picks up newer weights when it ends
+            if self.background:
+                self._thread = threading.Thread(target=self._export_current, name="medsegx-export", daemon=True)
+                self._thread.start()
+                return self.eager
+        self._export_current()
         return self._compiled if self._compiled_stamp == stamp else self.eager
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -433,31 +518,34 @@ class ServingRuntime:
                     return False
                 if self._compiled is not None and self._compiled_stamp == stamp:
                     return True
-                if self._pending_stamp != stamp:
-                    return False  # the weights changed after the export started: call again
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
-                self._ready.wait(left)
+                self._ready.wait(min(left, 1.0) if left is not None else 1.0)
 
-    def _export(self, snapshot: nn.Module, stamp: tuple) -> None:
-        _lower_thread_priority()
-        start = time.perf_counter()
-        try:
-            compiled = OpenVINORuntime(snapshot, num_threads=torch.get_num_threads(), cache_dir=self.cache_dir,
-                                       copy_model=False)
-        except (RuntimeUnavailable, OSError) as err:
-            (logger.error if self.mode == "openvino" else logger.warning)("serving with eager PyTorch: %s", err)
+    def _export_current(self) -> None:
+        """Export until the graphs match the model's weights (they may change during an export)."""
+        while True:
+            stamp = weights_stamp(self.model)  # before the copy: a change during it forces another round
+            if stamp in (self._compiled_stamp, self._failed_stamp):
+                return
+            snapshot = copy.deepcopy(self.model).cpu().eval()
+            start = time.perf_counter()
+            try:
+                compiled = OpenVINORuntime(snapshot, num_threads=torch.get_num_threads(), cache_dir=self.cache_dir,
+                                           copy_model=False)
+            except (RuntimeUnavailable, OSError) as err:
+                (logger.error if self.mode == "openvino" else logger.warning)("serving with eager PyTorch: %s", err)
+                with self._ready:
+                    self._failed_stamp, self.last_error = stamp, str(err)
+                    self._ready.notify_all()
+                return
+            del snapshot
+            self._prune_cache(compiled.digest)
             with self._ready:
-                self._failed_stamp, self._pending_stamp = stamp, None
-                self.last_error = str(err)
+                self._compiled, self._compiled_stamp = compiled, stamp  # the previous graphs are freed
+                self.last_export_s, self.last_error = time.perf_counter() - start, None
                 self._ready.notify_all()
-            return
-        self._prune_cache(compiled.digest)
-        with self._ready:
-            self._compiled, self._compiled_stamp, self._pending_stamp = compiled, stamp, None
-            self.last_export_s, self.last_error = time.perf_counter() - start, None
-            self._ready.notify_all()
 
     def _prune_cache(self, digest: str) -> None:
         if self.cache_dir is None or not self.cache_dir.is_dir():
@@ -468,9 +556,5 @@ class ServingRuntime:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _lower_thread_priority(niceness: int = 10) -> None:
-    """Linux nice is per thread: an export must not slow the requests (best effort)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):
-        pass
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 import torch.nn as nn
 from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTransformer
 
@@ -66,17 +67,24 @@ TINYVIT_CONFIGS = {
 }
 
 
+#: Seed of the adapters' random init (Down, gate and input-embedding layers): a fresh ConMoAE model
+#: is the same in every process, so its exported runtime graphs are reused across restarts.
+ADAPTER_INIT_SEED = 0
+
+
 def _attach(encoder, blocks, sizes: ContextSizes, conmoae: ConMoAEConfig, dim_of, pre_norm_of=None):
-    return attach_conmoae(
-        encoder, blocks, dim_of,
-        num_modalities=sizes.modalities,
-        level_sizes=(sizes.body_parts, sizes.subregions, sizes.organs),
-        num_tasks=sizes.tasks,
-        num_experts=conmoae.num_experts,
-        bottleneck_dim=conmoae.bottleneck_dim,
-        embedding_dim=conmoae.embedding_dim,
-        pre_norm_of=pre_norm_of,
-    )
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(ADAPTER_INIT_SEED)
+        return attach_conmoae(
+            encoder, blocks, dim_of,
+            num_modalities=sizes.modalities,
+            level_sizes=(sizes.body_parts, sizes.subregions, sizes.organs),
+            num_tasks=sizes.tasks,
+            num_experts=conmoae.num_experts,
+            bottleneck_dim=conmoae.bottleneck_dim,
+            embedding_dim=conmoae.embedding_dim,
+            pre_norm_of=pre_norm_of,
+        )
 
 
 def build_sam_vit(kind: str, sizes: ContextSizes, conmoae: ConMoAEConfig = ConMoAEConfig()) -> MedSegXModel:
