@@ -6,11 +6,22 @@ embedded LiteMedSAM for ``lite``). A train task publishes ``model/medsegx.pth`` 
 (``medsegx.checkpoint.save_checkpoint``: temporary file + rename); the next request sees a new
 ``(path, mtime, size)`` stamp and loads it on top of the running model -- no restart. The
 embedding cache is cleared on every reload: embeddings depend on the adapters' weights.
+
+On the CPU the predictor runs OpenVINO graphs of the encoder and decoder
+(``medsegx.runtime.ServingRuntime``). Their export starts when the model is built and again
+when a reload changes the weights, in a background thread; requests are served by eager
+PyTorch with the *new* weights until the graphs are ready, so a published checkpoint is in
+effect from the next request on. Converted graphs are kept per weight set in
+``medsegx.runtime.default_cache_dir()`` (``$MEDSEGX_RUNTIME_CACHE``, else
+``~/.cache/medsegx/runtime``: outside the repository), so a restart on the same weights skips
+the conversion. ``MEDSEGX_RUNTIME=eager`` turns the runtime off. MONAI Label's background
+train / scoring processes always run eager.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +33,7 @@ from medsegx.checkpoint import CheckpointError, load_checkpoint
 from medsegx.modeling import MedSegXModel
 from medsegx.predictor import Predictor
 
+from lib.background import in_background_process
 from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -115,7 +127,9 @@ class ModelStore:
         logger.info("building %s model on %s (checkpoint: %s)", settings.backbone, settings.device, checkpoint or "none")
         model = build_model(settings.backbone, sam_checkpoint=settings.sam_checkpoint, checkpoint=checkpoint,
                             device=settings.device)
-        return LoadedModel(Predictor(model, cache_size=settings.cache_size), self._version(model, checkpoint), checkpoint)
+        predictor = Predictor(model, cache_size=settings.cache_size, runtime=runtime_mode())
+        predictor.serving.current()  # start the export now, off the request path
+        return LoadedModel(predictor, self._version(model, checkpoint), checkpoint)
 
     def _reload(self, checkpoint: Path | None) -> LoadedModel:
         if checkpoint is None:  # the checkpoint was removed: back to the backbone's own weights
@@ -123,12 +137,31 @@ class ModelStore:
         predictor = self._loaded.predictor
         load_checkpoint(predictor.model, checkpoint)
         predictor.clear_cache()
+        predictor.serving.current()  # new weights: eager serves them until their graphs are exported
         version = self._version(predictor.model, checkpoint)
         logger.info("reloaded model %s from %s", version, checkpoint)
         return LoadedModel(predictor, version, checkpoint)
+
+    def runtime_status(self) -> dict:
+        """What runs the model now, for ``/info``: runtime name, mode, last export seconds and error."""
+        loaded = self._loaded
+        if loaded is None:
+            return {"runtime": None}
+        serving = loaded.predictor.serving
+        export_s = serving.last_export_s
+        return {"runtime": serving.name, "mode": serving.mode,
+                "export_s": round(export_s, 1) if export_s is not None else None, "error": serving.last_error}
 
     def _version(self, model: MedSegXModel, checkpoint: Path | None) -> str:
         if checkpoint is not None:
             version = (getattr(model, "metadata", None) or {}).get("model_version")
             return str(version) if version else f"{checkpoint.name}@{int(checkpoint.stat().st_mtime)}"
         return EMBEDDED_LITE_VERSION if self.settings.backbone == "lite" else f"sam-{self.settings.backbone}"
+
+
+def runtime_mode() -> str:
+    """``$MEDSEGX_RUNTIME`` (``auto`` | ``openvino`` | ``eager``), default ``auto``; always eager in
+    MONAI Label's background train / scoring processes (no export there)."""
+    if in_background_process():
+        return "eager"
+    return os.environ.get("MEDSEGX_RUNTIME", "auto").strip() or "auto"

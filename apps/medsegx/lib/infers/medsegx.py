@@ -110,6 +110,7 @@ class MedSegXInfer(BasicInferTask):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info["backbone"] = self.settings.backbone
+        info["runtime"] = self.store.runtime_status()
         return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
@@ -235,6 +236,14 @@ class MedSegXInfer(BasicInferTask):
         return prediction, mask, model_json
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
+        """NIfTI results are written with nibabel; other formats by MONAI Label's ``Writer``.
+
+        MONAI Label's ``Writer`` goes through ITK, whose first ``imwrite`` in a process loads
+        ITK's lazily imported IO modules: 2 s on a quiet 2-core machine, 6.8 s under load, for a
+        160 x 160 x 24 label that nibabel writes in a few milliseconds (gzip level 1). The
+        geometry is the same: the image's affine as both qform and sform (code 1, scanner),
+        millimetres, as ITK writes it.
+        """
         image_path = data.get("image_path")
         if extension is None and not data.get("result_extension") and isinstance(image_path, str):
             suffix = Path(image_path).suffix.lower()
@@ -242,7 +251,42 @@ class MedSegXInfer(BasicInferTask):
                 extension = ".nii.gz"
             elif suffix in _DEFAULT_EXTENSIONS:
                 extension = _DEFAULT_EXTENSIONS[suffix]
+        chosen = extension or data.get("result_extension") or (
+            _nifti_suffix(image_path) if isinstance(image_path, str) else None)
+        if chosen in (".nii", ".nii.gz") and isinstance(data.get("pred"), MetaTensor | np.ndarray):
+            return _write_nifti(data, chosen, dtype or data.get("result_dtype"))
         return super().writer(data, extension=extension, dtype=dtype)
+
+
+def _nifti_suffix(path: str) -> str | None:
+    name = path.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else ".nii" if name.endswith(".nii") else None
+
+
+def _write_nifti(data: dict[str, Any], extension: str, dtype) -> tuple[str, dict]:
+    """The label ``data["pred"]`` on the image's grid as a NIfTI file; (path, result JSON)."""
+    import tempfile
+
+    import nibabel as nib
+
+    label = data["pred"]
+    array = label.array if isinstance(label, MetaTensor) else np.asarray(label)
+    meta = data.get("image_meta_dict") or {}
+    affine = meta.get("affine")
+    if affine is None:
+        image = data.get("image")
+        affine = image.affine if isinstance(image, MetaTensor) else label.affine if isinstance(label, MetaTensor) else None
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if dtype:
+        array = array.astype(np.dtype(str(dtype)), copy=False)
+    image = nib.Nifti1Image(np.ascontiguousarray(array), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    with tempfile.NamedTemporaryFile(suffix=extension, delete=False) as handle:
+        path = handle.name
+    nib.save(image, path)
+    return path, data.get("result", {})
 
 
 def _image_key(image_path: str | None, signature: str):
@@ -286,6 +330,7 @@ def _prediction_json(prediction) -> dict[str, Any]:
             "decode": round(prediction.decode_ms / 1000.0, 4),
             "post": round(prediction.post_ms / 1000.0, 4),
             "cache_hit": bool(prediction.cache_hit),
+            "runtime": prediction.runtime,
         },
     }
 
@@ -307,5 +352,6 @@ def _prediction_3d_json(prediction) -> dict[str, Any]:
             "slices": len(prediction.slices),
             "cache_hits": int(timings.get("cache_hits", 0)),
             "cache_hit": int(timings.get("cache_hits", 0)) == len(prediction.slices) and bool(prediction.slices),
+            "runtime": prediction.middle.runtime,
         },
     }
