@@ -28,6 +28,7 @@ aliased by the runtime.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import hashlib
 import logging
@@ -249,12 +250,36 @@ def export_in_child(model: nn.Module, folder: Path, num_threads: int) -> None:
         command = ["nice", "-n", str(EXPORT_NICE), *command]
     env = dict(os.environ, OMP_NUM_THREADS=str(num_threads))
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=EXPORT_TIMEOUT_S, check=False)
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as child:
+            _CHILDREN.add(child)
+            try:
+                _, stderr = child.communicate(timeout=EXPORT_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                _, stderr = child.communicate()
+            finally:
+                _CHILDREN.discard(child)
     finally:
         weights.unlink(missing_ok=True)
-    if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        raise RuntimeUnavailable(f"export process failed ({done.returncode}): {lines[-1] if lines else 'no output'}")
+    if child.returncode != 0:
+        lines = [line for line in (stderr or "").splitlines() if line.strip()]
+        raise RuntimeUnavailable(f"export process failed ({child.returncode}): {lines[-1] if lines else 'no output'}")
+
+
+#: Export child processes and export threads running now: ended / joined at interpreter exit, where
+#: a thread still inside OpenVINO would otherwise abort the process ("terminate called ...").
+_CHILDREN: set[subprocess.Popen] = set()
+_EXPORT_THREADS: set[threading.Thread] = set()
+_SHUTTING_DOWN = threading.Event()
+
+
+@atexit.register
+def _end_exports() -> None:
+    _SHUTTING_DOWN.set()
+    for child in list(_CHILDREN):
+        child.kill()
+    for thread in list(_EXPORT_THREADS):
+        thread.join(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,8 +522,11 @@ class ServingRuntime:
                 return self.eager
             if self._thread is not None and self._thread.is_alive():
                 return self.eager  # one export at a time; it picks up newer weights when it ends
+            if _SHUTTING_DOWN.is_set():
+                return self.eager
             if self.background:
                 self._thread = threading.Thread(target=self._export_current, name="medsegx-export", daemon=True)
+                _EXPORT_THREADS.add(self._thread)
                 self._thread.start()
                 return self.eager
         self._export_current()
@@ -525,7 +553,13 @@ class ServingRuntime:
 
     def _export_current(self) -> None:
         """Export until the graphs match the model's weights (they may change during an export)."""
-        while True:
+        try:
+            self._export_rounds()
+        finally:
+            _EXPORT_THREADS.discard(threading.current_thread())
+
+    def _export_rounds(self) -> None:
+        while not _SHUTTING_DOWN.is_set():
             stamp = weights_stamp(self.model)  # before the copy: a change during it forces another round
             if stamp in (self._compiled_stamp, self._failed_stamp):
                 return
@@ -535,6 +569,8 @@ class ServingRuntime:
                 compiled = OpenVINORuntime(snapshot, num_threads=torch.get_num_threads(), cache_dir=self.cache_dir,
                                            copy_model=False)
             except (RuntimeUnavailable, OSError) as err:
+                if _SHUTTING_DOWN.is_set():
+                    return
                 (logger.error if self.mode == "openvino" else logger.warning)("serving with eager PyTorch: %s", err)
                 with self._ready:
                     self._failed_stamp, self.last_error = stamp, str(err)

@@ -12,7 +12,9 @@ from medsegx.checkpoint import save_checkpoint
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     app_dir = tmp_path_factory.mktemp("app")
-    return ModelStore(AppSettings.from_conf({"device": "cpu", "cache_size": "2"}, app_dir))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSEGX_RUNTIME", "eager")  # checkpoint swapping, not the runtime (tests/unit/test_runtime.py)
+        yield ModelStore(AppSettings.from_conf({"device": "cpu", "cache_size": "2"}, app_dir))
 
 
 def test_reload_on_publish_and_keep_serving_on_a_bad_file(store):
