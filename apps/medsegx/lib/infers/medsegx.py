@@ -24,10 +24,11 @@ Request params (multipart form field ``params``, JSON), besides MONAI Label's ow
 - ``slice``: segment this slice only;
 - ``modality``: else DICOM ``Modality``, else detected from intensities (``lib/modality.py``).
 
-The result label has the input's shape and affine (written by MONAI Label's ``Writer``: NIfTI
-for volumes and DICOM series, PNG for pictures, or ``result_extension``); the result JSON adds
-the label name and its map value, the taxonomy path, the chosen mask's predicted IoU, the model
-version and the model's latencies (``latencies.model``, with ``cache_hit``).
+The result label has the input's shape and affine (NIfTI for volumes and DICOM series, written
+with nibabel; PNG for pictures or another ``result_extension`` by MONAI Label's ``Writer``); the
+result JSON adds the label name and its map value, the taxonomy path, the chosen mask's predicted
+IoU, the model version and the model's latencies (``latencies.model``, with ``cache_hit`` and
+``runtime``: ``openvino`` or ``eager``).
 """
 
 from __future__ import annotations
