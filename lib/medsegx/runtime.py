@@ -193,6 +193,8 @@ def _example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[t
     return (images, context), (embeddings[:1], coords, labels)
 
 
+#: Bumped when the exported graphs change for the same weights (part of the IR cache folder name).
+GRAPH_VERSION = 2
 #: Niceness of the conversion child process (requests in the server keep priority).
 EXPORT_NICE = int(os.environ.get("MEDSEGX_EXPORT_NICE", "5"))
 EXPORT_TIMEOUT_S = 3600
@@ -341,7 +343,8 @@ class OpenVINORuntime:
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.num_threads,
                   "INFERENCE_PRECISION_HINT": "f32"}
-        folder = Path(cache_dir) / f"{self.digest}-ov{ov.get_version().split('-')[0]}" if cache_dir is not None else None
+        folder = (Path(cache_dir) / f"{self.digest}-g{GRAPH_VERSION}-ov{ov.get_version().split('-')[0]}"
+                  if cache_dir is not None else None)
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(folder / "compiled")})
