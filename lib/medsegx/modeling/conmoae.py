@@ -139,7 +139,7 @@ class ConMoAEMLP(nn.Module):
         tokens = self._pre_norm[0](x) if self._pre_norm else x
         gates = self.expert_gates(tokens)
         self._state.gates.append(gates)
-        if not torch.is_grad_enabled() and self.up_is_zero():
+        if not torch.is_grad_enabled() and not _exporting() and self.up_is_zero():
             # inference before fine-tuning: the experts' sum is exactly 0, so skip their matmuls
             # (~1/4 of the lite encoder's eager time). With gradients on, Up must see its inputs.
             return self.mlp(x)
@@ -157,6 +157,13 @@ class ConMoAEMLP(nn.Module):
         up_bias = gates @ torch.stack([up.bias for up in self.adapter_up])  # (B, C)
         mixed = F.linear(hidden, up_weight) + up_bias.view(*lead, -1)
         return self.mlp(x) + mixed * self.adapter_scale
+
+
+def _exporting() -> bool:
+    """Inside ``torch.export`` / dynamo, which cannot branch on a tensor's values (the ONNX exporter)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and (getattr(compiler, "is_exporting", lambda: False)()
+                                          or compiler.is_compiling()))
 
 
 def attach_conmoae(
