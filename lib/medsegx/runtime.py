@@ -58,9 +58,29 @@ __all__ = [
     "default_cache_dir",
     "weights_stamp",
     "prompt_rows",
+    "register_call_hook",
     "runtime_available",
     "weights_digest",
 ]
+
+_call_hooks: list = []
+
+
+def register_call_hook(hook) -> None:
+    """Call ``hook()`` before every compiled-graph call, as torch calls a module forward pre-hook.
+
+    The compiled graphs run no ``nn.Module``, so a server that stops a request from a module
+    hook (``apps/medsegx/lib/concurrency.py``: a client that left, a time cap) registers here
+    too; a hook that raises stops the request between two graph calls. Registering twice is a no-op.
+    """
+    if hook not in _call_hooks:
+        _call_hooks.append(hook)
+
+
+def _before_call() -> None:
+    for hook in _call_hooks:
+        hook()
+
 
 #: Point labels of the decoder graph (SAM's ONNX convention).
 PAD_LABEL, BACKGROUND_LABEL, FOREGROUND_LABEL, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = -1.0, 0.0, 1.0, 2.0, 3.0
@@ -383,6 +403,7 @@ class OpenVINORuntime:
         context = context.detach().cpu().numpy()
         embeddings, gates = [], []
         for index in range(images.shape[0]):
+            _before_call()
             result = self._encode_request.infer({0: np.array(images[index:index + 1], dtype=np.float32),
                                                  1: np.array(context[index:index + 1], dtype=np.int64)})
             embeddings.append(np.array(result[0], dtype=np.float32, copy=True))
@@ -403,6 +424,7 @@ class OpenVINORuntime:
     def _decode_one(self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
         # a copy: OpenVINO may use an input buffer in place, and this one is a cached embedding
         image = np.array(embedding.detach().cpu().numpy(), dtype=np.float32, copy=True)
+        _before_call()
         result = self._decode_request.infer({0: image, 1: coords, 2: labels})
         return (torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)),
                 torch.from_numpy(np.array(result[1], dtype=np.float32, copy=True)))

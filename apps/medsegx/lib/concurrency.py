@@ -45,6 +45,7 @@ import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.background import BackgroundTasks
 from fastapi.routing import APIRoute
+from medsegx.runtime import register_call_hook
 from monailabel.config import RBAC_USER, settings
 from monailabel.endpoints import infer as upstream
 from monailabel.endpoints.user.auth import RBAC, User
@@ -98,12 +99,17 @@ def _stop_point(module: torch.nn.Module, args: Any) -> None:
         stop.check()
 
 
+def _check_stop() -> None:
+    _stop_point(None, None)
+
+
 def _install_stop_hook() -> None:
-    """Register :func:`_stop_point` for every module once per process; other threads pay one getattr."""
+    """Register :func:`_stop_point` for every module and compiled-graph call once per process; other threads pay one getattr."""
     global _hook_installed
     with _hook_lock:
         if not _hook_installed:
             torch.nn.modules.module.register_module_forward_pre_hook(_stop_point)
+            register_call_hook(_check_stop)  # the OpenVINO graphs run no nn.Module
             _hook_installed = True
 
 
