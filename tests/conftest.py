@@ -95,21 +95,27 @@ class Server:
         return log_tail(self.log, lines)
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll ``/info/`` until it answers 200; fail with the log tail on exit or timeout."""
+def wait_until_answering(probe_url: str, process: subprocess.Popen, log: Path, timeout_s: float,
+                         what: str = "server", poll_s: float = 0.5) -> None:
+    """Poll ``probe_url`` until it answers 200; fail with the log tail on exit or timeout."""
     import requests
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"server exited with code {process.returncode} before serving:\n{log_tail(log)}")
+            pytest.fail(f"{what} exited with code {process.returncode} before serving:\n{log_tail(log)}")
         try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+            if requests.get(probe_url, timeout=5).status_code == 200:
                 return
         except requests.RequestException:
             pass
-        time.sleep(0.5)  # poll interval, not a wait for readiness
-    pytest.fail(f"server did not answer {url}/info/ within {timeout_s:.0f} s:\n{log_tail(log)}")
+        time.sleep(poll_s)  # poll interval, not a wait for readiness
+    pytest.fail(f"{what} did not answer {probe_url} within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Poll the MONAI Label server's ``/info/`` until it answers."""
+    wait_until_answering(f"{url}/info/", process, log, timeout_s)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -241,8 +247,6 @@ def pacs_timings(artifacts_dir):
 @pytest.fixture(scope="session")
 def orthanc(sample_data, tmp_path_factory, pacs_timings):
     """Orthanc with the sample CT and MR series, started and stopped by the session."""
-    import requests
-
     reason = orthanc_missing()
     if reason:
         pytest.skip(reason)
@@ -256,18 +260,7 @@ def orthanc(sample_data, tmp_path_factory, pacs_timings):
                                    env=env, start_new_session=True)
     pacs = Orthanc(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + ORTHANC_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"Orthanc exited with code {process.returncode}:\n{log_tail(log)}")
-            try:
-                if requests.get(f"{pacs.url}/system", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not answer {pacs.url}/system within {ORTHANC_START_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)  # poll interval
+        wait_until_answering(f"{pacs.url}/system", process, log, ORTHANC_START_TIMEOUT_S, what="Orthanc", poll_s=0.2)
         series = [sample_data["dicom_series"][name] for name in ("ct_phantom_2", "mni152_t1")]
         subprocess.run(["bash", str(PACS_SCRIPT), "upload", *series], env=env, check=True, capture_output=True)
         pacs_timings["orthanc_start_and_upload_143_instances"] = time.perf_counter() - started
