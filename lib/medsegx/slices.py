@@ -110,21 +110,30 @@ class StructureBalancedSampler(torch.utils.data.Sampler[int]):
         seed: base seed; epoch ``e`` draws with ``seed + e``.
         shuffle: ``False`` keeps dataset order and takes the same evenly spread slices every
             epoch (the middle of equal parts of each structure's slices: validation).
+        min_length: an epoch has at least this many items: the drawn slices repeat, each
+            repeat in a new order (a structure with one labelled slice still fills an epoch;
+            the box jitter differs at every visit).
     """
 
-    def __init__(self, structures: Sequence[str], max_per_structure: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, structures: Sequence[str], max_per_structure: int, seed: int = 0, shuffle: bool = True,
+                 min_length: int = 0):
         self.groups: dict[str, list[int]] = {}
         for index, key in enumerate(structures):
             self.groups.setdefault(str(key), []).append(index)
         self.max_per_structure = int(max_per_structure)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.min_length = int(min_length)
         self.epoch = 0
 
-    def __len__(self) -> int:
+    def _drawn(self) -> int:
         if self.max_per_structure <= 0:
             return sum(len(v) for v in self.groups.values())
         return sum(min(len(v), self.max_per_structure) for v in self.groups.values())
+
+    def __len__(self) -> int:
+        drawn = self._drawn()
+        return max(drawn, self.min_length) if drawn else 0
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -139,6 +148,8 @@ class StructureBalancedSampler(torch.utils.data.Sampler[int]):
             else:
                 picked = evenly_spaced(members, self.max_per_structure, ends=False)
             chosen.extend(picked)
-        if self.shuffle:
-            chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=generator).tolist()]
-        return iter(chosen)
+        epoch: list[int] = []
+        while chosen and len(epoch) < max(self.min_length, 1):
+            order = torch.randperm(len(chosen), generator=generator).tolist() if self.shuffle else range(len(chosen))
+            epoch.extend(chosen[i] for i in order)
+        return iter(epoch[:len(self)])

@@ -142,9 +142,15 @@ def test_volume_split_and_slice_hold_out(tmp_path):
     assert split_volumes(entries, 0.0) == (entries, [])
 
     samples, _ = SliceSetBuilder().build([_entry(tmp_path, "one", {"label_names": {"liver": 1, "spleen": 2}})])
+    # liver on 4 slices, spleen on 2: too few to hold any out, each validates on its training slices
     train_slices, val_slices = hold_out_slices(samples)
-    assert val_slices and len(train_slices) + len(val_slices) == len(samples)
-    assert {s.structure for s in val_slices} <= {s.structure for s in train_slices}
+    assert [id(s) for s in train_slices] == [id(s) for s in val_slices] == [id(s) for s in samples]
+    # with enough slices every 5th is held out: liver's slice 3 of 1..4 (index 2), spleen keeps its 2
+    train_slices, val_slices = hold_out_slices(samples, min_slices=3)
+    liver = [s for s in samples if s.label_name == "liver"]
+    assert [s.slice_index for s in val_slices] == [liver[2].slice_index, *[s.slice_index for s in samples
+                                                                          if s.label_name == "spleen"]]
+    assert all(s is not liver[2] for s in train_slices) and len(train_slices) == len(samples) - 1
 
 
 # ----------------------------------------------------------------------------- publishing policy
@@ -157,8 +163,8 @@ def _monitor(tmp_path, policy, baseline, best):
     context = SimpleNamespace(request={"publish": policy, "lr": 1e-4}, network=model, parent_version="served-1",
                               run_id="run", optimizer=None, build_report=BuildReport(volumes=["a"], slices=3))
     monitor = FineTuneMonitor(task, context)
-    monitor.baseline, monitor.best, monitor.best_epoch = baseline, best, 1
-    monitor.snapshot = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    monitor.baseline = baseline
+    monitor.stopper.update(best, 1, model)
     return monitor, task
 
 
@@ -222,24 +228,37 @@ def test_strategy_without_scores_falls_back_to_the_first_image():
 
 
 def test_best_validating_weights_are_kept(tmp_path):
-    monitor, task = _monitor(tmp_path, "improved", 0.5, None)
-    monitor.snapshot, monitor.best = None, None
+    task = SimpleNamespace(publish_path=tmp_path / "model" / "medsegx.pth", VAL_METRIC_MEAN_DICE="val_mean_dice",
+                           _result={})
+    context = SimpleNamespace(request={"publish": "improved", "lr": 1e-4},
+                              network=build_model("tiny_vit", pretrained=False), parent_version="served-1",
+                              run_id="run", optimizer=None, build_report=BuildReport(volumes=["a"], slices=3),
+                              plan=SimpleNamespace(patience=2))
+    monitor = FineTuneMonitor(task, context)
+    monitor.baseline = 0.5
     task.TRAIN_METRIC_MEAN_DICE = "train_mean_dice"
     network = monitor.context.network
     key = "mask_decoder.iou_token.weight"
 
+    stopped = []
+
     def end_epoch(epoch, val_dice):
         monitor.context.evaluator = SimpleNamespace(state=SimpleNamespace(metrics={"val_mean_dice": val_dice}))
         monitor.end_epoch(SimpleNamespace(state=SimpleNamespace(
-            epoch=epoch, max_epochs=3, output=[{"loss": torch.tensor(0.4)}], metrics={"train_mean_dice": 0.7})))
+            epoch=epoch, max_epochs=5, output=[{"loss": torch.tensor(0.4)}], metrics={"train_mean_dice": 0.7}),
+            terminate=lambda: stopped.append(epoch)))
 
     end_epoch(1, 0.8)
     kept = network.state_dict()[key].clone()
-    assert torch.equal(monitor.snapshot[key], kept) and (monitor.best, monitor.best_epoch) == (0.8, 1)
+    stopper = monitor.stopper
+    assert torch.equal(stopper.best_weights[key], kept) and (monitor.best, stopper.best_epoch) == (0.8, 1)
     with torch.no_grad():
-        network.state_dict()[key].add_(1.0)  # the next epoch changes the weights but validates worse
+        network.state_dict()[key].add_(1.0)  # the next epochs change the weights but validate worse
     end_epoch(2, 0.7)
-    assert torch.equal(monitor.snapshot[key], kept) and (monitor.best, monitor.best_epoch) == (0.8, 1)
-    monitor.complete(SimpleNamespace(state=SimpleNamespace(epoch=2)))
+    assert torch.equal(stopper.best_weights[key], kept) and (monitor.best, stopper.best_epoch) == (0.8, 1)
+    assert stopped == []
+    end_epoch(3, float("nan"))  # a non-finite validation is never the best: the second stale epoch
+    assert stopped == [3]  # patience 2: the round stops
+    monitor.complete(SimpleNamespace(state=SimpleNamespace(epoch=3)))
     assert task._result["published"] and task._result["best_epoch"] == 1
     assert torch.equal(network.state_dict()[key], kept)  # the published weights are epoch 1's

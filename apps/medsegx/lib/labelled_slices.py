@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from medsegx.budget import FinetuneBudget, split_for_validation
 from medsegx.slices import MIN_STRUCTURE_PIXELS, SliceSample, evenly_spaced, structure_slices
 from medsegx.taxonomy import resolve
 
@@ -436,17 +437,12 @@ def split_volumes(entries: Sequence[Mapping[str, Any]], val_split: float, seed: 
     return train, [entry for i, entry in enumerate(entries) if i in held_out]
 
 
-def hold_out_slices(samples: Sequence[SliceSample], every: int = 5) -> tuple[list[SliceSample], list[SliceSample]]:
-    """Slice-level hold-out when no volume can be spared: every ``every``-th slice of each structure.
+def hold_out_slices(samples: Sequence[SliceSample], min_slices: int = FinetuneBudget.holdout_min_slices,
+                    ) -> tuple[list[SliceSample], list[SliceSample]]:
+    """Slice-level validation when no volume can be spared (``medsegx.budget.split_for_validation``).
 
-    A structure with fewer than two slices stays in training.
+    Every 5th slice of a structure with at least ``min_slices`` slices is held out; a smaller
+    structure validates on its training slices (they are in both lists).
     """
-    by_structure: dict[str, list[int]] = {}
-    for index, sample in enumerate(samples):
-        by_structure.setdefault(sample.structure, []).append(index)
-    held_out: set[int] = set()
-    for members in by_structure.values():
-        if len(members) >= 2:
-            held_out.update(members[every // 2::every] or members[len(members) // 2: len(members) // 2 + 1])
-    train = [sample for i, sample in enumerate(samples) if i not in held_out]
-    return train, [sample for i, sample in enumerate(samples) if i in held_out]
+    train, val = split_for_validation([sample.structure for sample in samples], min_slices)
+    return [samples[i] for i in train], [samples[i] for i in val]

@@ -6,16 +6,22 @@ TensorBoard handlers). What differs from a MONAI Label sample app:
 
 - **Data**: ``lib/labelled_slices.py`` turns every labelled image into per-structure 2D
   slices (a multi-label file is split per structure), prepared exactly as the infer task
-  prepares them; validation uses held-out *volumes* (``val_split``), or every 5th slice of
-  each structure when only one volume is labelled. Each epoch draws at most
-  ``slices_per_structure`` slices per structure, so an epoch's cost is bounded.
+  prepares them; validation uses held-out *volumes* (``val_split``); when only one volume is
+  labelled, every 5th slice of each structure with 8 or more labelled slices, and the
+  training slices themselves for a structure with fewer (``medsegx.budget``). Each epoch
+  draws at most ``slices_per_structure`` slices per structure, so an epoch's cost is bounded.
+- **Budget** (``medsegx.budget.FinetuneBudget``, shared with ``bench/finetune_curve.py``): the
+  round trains ``base_steps + steps_per_slice x`` (training slices) optimiser steps, at most
+  ``max_steps``, in epochs of at least ``min_epoch_steps`` steps, validates after every
+  epoch and stops early after ``early_stop_patience`` epochs without a better validation
+  Dice. An explicit ``max_epochs`` > 0 replaces the step count.
 - **Step**: ``medsegx.steps.train_step`` / ``val_step`` as the engines' iteration
   functions: box pushed out by 0..19 px per side, Dice + BCE taken as the minimum over the
   three masks, only adapters / gates / context embeddings / mask decoder trained (the
   encoder runs forward, frozen). Validation Dice is that of the mask the infer task would
   return (chosen by predicted IoU); the oracle Dice is logged beside it.
-- **Publishing**: nothing is written while training runs. When the run completes (max
-  epochs or early stop) the best-validating weights are published to ``model/medsegx.pth``
+- **Publishing**: nothing is written while training runs. When the run completes (budget
+  spent or early stop) the best-validating weights are published to ``model/medsegx.pth``
   with ``medsegx.checkpoint.publish_checkpoint`` (official MedSegX layout + metadata,
   temporary file then rename; the replaced file is kept as ``model/medsegx.prev.pth``),
   provided they beat the served model's validation Dice measured before the first epoch
@@ -37,6 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -50,6 +57,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 
+from medsegx.budget import BudgetPlan, EarlyStop, FinetuneBudget
 from medsegx.checkpoint import publish_checkpoint
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import finite_or_none
@@ -88,8 +96,10 @@ class MedSegXTrain(BasicTrainTask):
 
     Request keys (``POST /train/medsegx`` JSON body; defaults in ``/info``):
         images: labelled image ids to train on (default: all); val_images: the ids held out
-        for validation (default: ``val_split`` of them, at random); max_epochs,
-        early_stop_patience, train_batch_size, val_batch_size, lr, weight_decay,
+        for validation (default: ``val_split`` of them, at random); the budget's
+        base_steps, steps_per_slice, max_steps, min_epoch_steps, holdout_min_slices and
+        early_stop_patience (``medsegx.budget``); max_epochs (0: from the budget),
+        train_batch_size, val_batch_size, lr, weight_decay,
         slices_per_structure (drawn per epoch), val_slices_per_structure,
         max_slices_per_structure and max_cached_slices (candidate slices kept in memory, per
         structure and in all), min_pixels, box_jitter, num_threads, nice, publish
@@ -108,14 +118,19 @@ class MedSegXTrain(BasicTrainTask):
             "name": "train_01",
             "device": settings.device,
             "multi_gpu": False,
-            "max_epochs": 5,
-            "early_stop_patience": 2,
+            "max_epochs": 0,  # 0: epochs from the budget below
+            "early_stop_patience": FinetuneBudget.patience,
+            "base_steps": FinetuneBudget.base_steps,
+            "steps_per_slice": FinetuneBudget.steps_per_slice,
+            "max_steps": 2000 if gpu else FinetuneBudget.max_steps,
+            "min_epoch_steps": FinetuneBudget.min_epoch_steps,
+            "holdout_min_slices": FinetuneBudget.holdout_min_slices,
             "val_split": 0.2,
             "train_batch_size": 4 if gpu else 1,
             "val_batch_size": 4 if gpu else 1,
             "lr": FINETUNE_LR,
             "weight_decay": FINETUNE_WEIGHT_DECAY,
-            "slices_per_structure": 16 if gpu else 4,
+            "slices_per_structure": 16 if gpu else 8,
             "val_slices_per_structure": 8 if gpu else 2,
             "max_slices_per_structure": 64,
             "max_cached_slices": 4096,
@@ -183,20 +198,48 @@ class MedSegXTrain(BasicTrainTask):
         report = BuildReport()
         train_samples, _ = builder.build(train_volumes, report)
         val_samples, _ = builder.build(val_volumes, report)
+        budget = self.budget(request)
         if not val_samples and float(request.get("val_split", 0.2)) > 0:
-            train_samples, val_samples = hold_out_slices(train_samples)
+            train_samples, val_samples = hold_out_slices(train_samples, budget.holdout_min_slices)
             if val_samples:
                 logger.warning("medsegx train: no held-out volume to validate on; validating on every 5th slice of "
-                               "each structure instead (%d slices)", len(val_samples))
+                               "each structure with %d or more slices, on the training slices of the others "
+                               "(%d slices)", budget.holdout_min_slices, len(val_samples))
         if not train_samples:
             raise ValueError("medsegx train: no usable training slice in the datastore's final labels"
                              + (f" (skipped: {'; '.join(report.skipped)})" if report.skipped else ""))
         context.build_report = report
+        context.plan = self.plan(context, budget, train_samples)
         logger.info("medsegx train: %d training slice(s) from %s; %d validation slice(s) from %s",
                     len(train_samples), sorted({s.volume_id for s in train_samples}),
                     len(val_samples), sorted({s.volume_id for s in val_samples}))
         as_dicts = [dict(vars(sample)) for sample in train_samples], [dict(vars(sample)) for sample in val_samples]
         return as_dicts
+
+    # -- budget -----------------------------------------------------------------------------
+    def budget(self, request) -> FinetuneBudget:
+        """The request's ``FinetuneBudget`` (its patience is MONAI Label's ``early_stop_patience``)."""
+        budget = FinetuneBudget.from_request(request)
+        patience = int(request.get("early_stop_patience", budget.patience))
+        return FinetuneBudget(**{**vars(budget), "patience": max(0, patience)})
+
+    def plan(self, context: Context, budget: FinetuneBudget, train_samples) -> BudgetPlan:
+        """The round's epochs from the number of training slices; an explicit ``max_epochs`` wins."""
+        per_structure = int(context.request.get("slices_per_structure", 8))
+        counts: dict[str, int] = {}
+        for sample in train_samples:
+            counts[sample.structure] = counts.get(sample.structure, 0) + 1
+        per_epoch = sum(min(n, per_structure) if per_structure > 0 else n for n in counts.values())
+        plan = budget.plan(len(train_samples), per_epoch, context.train_batch_size)
+        explicit = int(context.request.get("max_epochs") or 0)
+        if explicit > 0:  # MONAI Label's meaning: that many passes over the drawn slices, no repeats
+            epoch_steps = math.ceil(max(1, per_epoch) / max(1, context.train_batch_size))
+            plan = BudgetPlan(plan.train_slices, explicit * epoch_steps, epoch_steps, explicit, plan.patience)
+        context.max_epochs = plan.epochs
+        # the monitor's EarlyStop stops the round; BasicTrainTask.finalize would add ignite's too
+        context.request["early_stop_patience"] = 0
+        logger.info("medsegx train: budget: %s", plan.describe())
+        return plan
 
     # -- model ------------------------------------------------------------------------------
     def network(self, context: Context):
@@ -238,15 +281,18 @@ class MedSegXTrain(BasicTrainTask):
     def val_inferer(self, context: Context):
         return SimpleInferer()  # unused: val_iteration_update runs the model
 
-    def _loader(self, context: Context, datalist, transforms, batch_size: int, per_structure: int, shuffle: bool):
+    def _loader(self, context: Context, datalist, transforms, batch_size: int, per_structure: int, shuffle: bool,
+                min_length: int = 0):
         dataset = Dataset(datalist, self._validate_transforms(transforms))
         sampler = StructureBalancedSampler([item["structure"] for item in datalist], per_structure,
-                                           seed=int(context.request.get("seed", 0)), shuffle=shuffle)
+                                           seed=int(context.request.get("seed", 0)), shuffle=shuffle,
+                                           min_length=min_length)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0)
 
     def train_data_loader(self, context: Context, num_workers=0, shuffle=True):
         loader = self._loader(context, context.train_datalist, self.train_pre_transforms(context),
-                              context.train_batch_size, int(context.request.get("slices_per_structure", 4)), True)
+                              context.train_batch_size, int(context.request.get("slices_per_structure", 8)), True,
+                              min_length=context.plan.epoch_steps * context.train_batch_size)
         logger.info("medsegx train: %d slice(s) per epoch", len(loader.sampler))
         return loader
 
@@ -348,9 +394,9 @@ class FineTuneMonitor:
 
     Handlers:
         trainer STARTED: validation Dice of the served weights (the baseline to beat).
-        trainer EPOCH_COMPLETED (after validation): keep a CPU copy of the trainable weights
-            when the validation Dice improved (every epoch when there is no validation);
-            log one summary line.
+        trainer EPOCH_COMPLETED (after validation): ``medsegx.budget.EarlyStop`` keeps a CPU
+            copy of the trainable weights when the validation Dice improved (every epoch when
+            there is no validation) and stops the run after the plan's patience; one summary line.
         trainer COMPLETED (also after an early stop): publish per the ``publish`` policy.
         trainer EXCEPTION_RAISED: log that the served model stays.
     """
@@ -360,9 +406,8 @@ class FineTuneMonitor:
         self.context = context
         self.policy = context.request.get("publish", "improved")
         self.baseline: float | None = None
-        self.best: float | None = None
-        self.best_epoch = 0
-        self.snapshot: dict[str, torch.Tensor] | None = None
+        plan = getattr(context, "plan", None)
+        self.stopper = EarlyStop(plan.patience if plan is not None else 0)
         self.epoch_start = time.time()
         self.task._result = {"published": False}
 
@@ -395,19 +440,22 @@ class FineTuneMonitor:
         val_dice = None
         if evaluator is not None:
             val_dice = finite_or_none(evaluator.state.metrics.get(self.task.VAL_METRIC_MEAN_DICE))
-            improved = val_dice is not None and (self.best is None or val_dice > self.best)
-        else:
-            improved = True
-        if improved:
-            self.best, self.best_epoch = val_dice, engine.state.epoch
-            self.snapshot = {key: value.detach().to("cpu", copy=True)
-                             for key, value in self.context.network.trainable_state_dict().items()}
+            val_dice = float("nan") if val_dice is None else val_dice  # never counts as the best
+        stop = self.stopper.update(val_dice, engine.state.epoch, self.context.network)
         loss = engine.state.output[0]["loss"].item() if engine.state.output else float("nan")
         train_dice = finite_or_none(engine.state.metrics.get(self.task.TRAIN_METRIC_MEAN_DICE))
         logger.info(
             "medsegx train: epoch %d/%d loss %.4f train Dice %s val Dice %s (best %s @ epoch %d; served model %s) "
-            "%.1f s", engine.state.epoch, engine.state.max_epochs, loss, _fmt(train_dice), _fmt(val_dice),
-            _fmt(self.best), self.best_epoch, _fmt(self.baseline), time.time() - self.epoch_start)
+            "%.1f s", engine.state.epoch, engine.state.max_epochs, loss, _fmt(train_dice), _fmt(finite_or_none(val_dice)),
+            _fmt(self.best), self.stopper.best_epoch, _fmt(self.baseline), time.time() - self.epoch_start)
+        if stop:
+            logger.info("medsegx train: early stop after %d epoch(s) without a better validation Dice",
+                        self.stopper.stale)
+            engine.terminate()
+
+    @property
+    def best(self) -> float | None:
+        return finite_or_none(self.stopper.best)
 
     def complete(self, engine) -> None:
         context = self.context
@@ -417,24 +465,25 @@ class FineTuneMonitor:
             "parent_model_version": context.parent_version,
             "baseline_val_dice": self.baseline,
             "best_val_dice": self.best,
-            "best_epoch": self.best_epoch,
+            "best_epoch": self.stopper.best_epoch,
             "epochs": engine.state.epoch,
+            "budget": vars(context.plan) if getattr(context, "plan", None) is not None else None,
             "training_set": context.build_report.as_dict(),
         }
         beats_served = self.best is None or self.baseline is None or self.best > self.baseline
-        if self.snapshot is None:
+        if self.stopper.best_weights is None:
             result["reason"] = "no epoch completed"
         elif self.policy == "improved" and not beats_served:
             result["reason"] = (f"best val Dice {self.best:.4f} does not beat the served model's {self.baseline:.4f}; "
                                 "the served model stays (train with publish='always' to replace it anyway)")
         else:
-            context.network.load_state_dict(self.snapshot, strict=False)
+            self.stopper.restore(context.network)
             metadata = {
                 "parent_model_version": context.parent_version,
                 "trained_by": "monailabel train task medsegx",
                 "run_id": context.run_id,
                 "epochs": engine.state.epoch,
-                "best_epoch": self.best_epoch,
+                "best_epoch": self.stopper.best_epoch,
                 "val_dice": self.best,
                 "baseline_val_dice": self.baseline,
                 "lr": float(context.request.get("lr", FINETUNE_LR)),

@@ -1,0 +1,173 @@
+"""How long an in-loop fine-tuning round trains, what it validates on, and when it stops.
+
+One policy for every way of fine-tuning on a few labelled slices: the app's train task
+(``apps/medsegx/lib/trainers/medsegx.py``, MONAI's ignite engines) and the few-shot benchmark
+(``bench/finetune_curve.py``, a plain loop over the same ``medsegx.steps.train_step``) both
+take their step count, epoch length, validation slices and early stop from here.
+
+- **Steps grow with the labels**: ``base_steps + steps_per_slice * n`` optimiser steps for
+  ``n`` training slices, at most ``max_steps`` (a fixed step count either under-trains many
+  labels or over-fits one).
+- **Epochs** are at least ``min_epoch_steps`` steps (a structure with one labelled slice sees
+  it several times per epoch, each time with another box jitter), so validation, which runs
+  once per epoch, costs a bounded share of the round.
+- **Validation**: a structure with at least ``holdout_min_slices`` labelled slices gives
+  every 5th of them to validation; below that every labelled slice is needed for training,
+  so the structure validates on its training slices (exact boxes, eval mode: it measures
+  the fit and stops a round that has stopped improving or diverges).
+- **Early stop**: after ``patience`` epochs whose validation Dice did not beat the best; the
+  best-validating weights are what the round returns (``EarlyStop.best_weights``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["BudgetPlan", "EarlyStop", "FinetuneBudget", "split_for_validation"]
+
+#: Every HOLDOUT_EVERY-th slice of a structure with enough labelled slices is held out.
+HOLDOUT_EVERY = 5
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A round's schedule: ``epochs`` epochs of ``epoch_steps`` optimiser steps (batch ``batch_size``)."""
+
+    train_slices: int
+    steps: int
+    epoch_steps: int
+    epochs: int
+    patience: int
+
+    def describe(self) -> str:
+        return (f"{self.train_slices} training slice(s) -> {self.steps} steps: {self.epochs} epoch(s) of "
+                f"{self.epoch_steps}, early stop after {self.patience} epoch(s) without a better validation Dice")
+
+
+@dataclass(frozen=True)
+class FinetuneBudget:
+    """The data-dependent training budget (defaults sized for a 2-core CPU; see module doc).
+
+    Args:
+        base_steps: steps of a round, before those per slice.
+        steps_per_slice: steps added per training slice.
+        max_steps: ceiling of a round (0: none).
+        min_epoch_steps: the shortest epoch, in steps.
+        patience: epochs without a better validation Dice before the round stops (0: never).
+        holdout_min_slices: a structure needs this many labelled slices to give some to validation.
+    """
+
+    base_steps: int = 8
+    steps_per_slice: int = 6
+    max_steps: int = 120
+    min_epoch_steps: int = 4
+    patience: int = 3
+    holdout_min_slices: int = 8
+
+    def __post_init__(self):
+        for name in ("base_steps", "steps_per_slice", "max_steps", "patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FinetuneBudget.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("min_epoch_steps", "holdout_min_slices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"FinetuneBudget.{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_request(cls, request: Mapping, **defaults) -> FinetuneBudget:
+        """The budget with any of its field names overridden by a request (``POST /train`` body)."""
+        values = {**defaults, **{name: int(request[name]) for name in cls.__dataclass_fields__ if name in request}}
+        return cls(**values)
+
+    def steps(self, train_slices: int) -> int:
+        steps = self.base_steps + self.steps_per_slice * int(train_slices)
+        return max(1, min(steps, self.max_steps) if self.max_steps else steps)
+
+    def plan(self, train_slices: int, slices_per_epoch: int, batch_size: int = 1) -> BudgetPlan:
+        """The schedule for ``train_slices`` training slices of which an epoch draws ``slices_per_epoch``.
+
+        Args:
+            train_slices: labelled slices trained on (all structures).
+            slices_per_epoch: distinct slices an epoch's sampler draws (before repeats).
+            batch_size: slices per optimiser step.
+        """
+        if train_slices < 1:
+            raise ValueError(f"no training slice to plan a round for (train_slices={train_slices})")
+        batch_size = max(1, int(batch_size))
+        steps = self.steps(train_slices)
+        epoch_steps = max(self.min_epoch_steps, math.ceil(max(1, slices_per_epoch) / batch_size))
+        epochs = max(1, math.ceil(steps / epoch_steps))
+        return BudgetPlan(int(train_slices), epochs * epoch_steps, epoch_steps, epochs, self.patience)
+
+
+def split_for_validation(structures: Sequence[str], holdout_min_slices: int = FinetuneBudget.holdout_min_slices,
+                         every: int = HOLDOUT_EVERY) -> tuple[list[int], list[int]]:
+    """Which labelled slices train and which validate, structure by structure.
+
+    Args:
+        structures: the structure key of every labelled slice, in slice order per structure.
+        holdout_min_slices: below this many slices a structure validates on its training slices.
+        every: of a larger structure, every ``every``-th slice (starting at ``every // 2``) is held out.
+
+    Returns:
+        ``(train indices, validation indices)`` into ``structures``; an index is in both for
+        a structure too small to hold slices out.
+    """
+    by_structure: dict[str, list[int]] = {}
+    for index, key in enumerate(structures):
+        by_structure.setdefault(str(key), []).append(index)
+    train: list[int] = []
+    val: list[int] = []
+    for members in by_structure.values():
+        if len(members) < holdout_min_slices:
+            train.extend(members)
+            val.extend(members)
+            continue
+        held = set(members[every // 2::every])
+        train.extend(i for i in members if i not in held)
+        val.extend(i for i in members if i in held)
+    return sorted(train), sorted(val)
+
+
+class EarlyStop:
+    """Best validation Dice so far, a CPU copy of its trainable weights, and the stop decision.
+
+    Args:
+        patience: evaluations without improvement before ``update`` says stop (0: never).
+    """
+
+    def __init__(self, patience: int):
+        self.patience = int(patience)
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+
+    def update(self, score: float | None, epoch: int, model: nn.Module) -> bool:
+        """Record an epoch's validation Dice (``None``: nothing to validate on, kept as best; NaN never best).
+
+        Returns:
+            True when the round should stop: ``patience`` epochs in a row did not beat the best.
+        """
+        improved = score is None or (math.isfinite(score) and (self.best is None or score > self.best))
+        if improved:
+            self.best, self.best_epoch, self.stale = score, epoch, 0
+            self.best_weights = {key: value.detach().to("cpu", copy=True)
+                                 for key, value in _trainable_state(model).items()}
+            return False
+        self.stale += 1
+        return 0 < self.patience <= self.stale
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best-validating weights into ``model`` (a no-op before the first ``update``)."""
+        if self.best_weights is not None:
+            model.load_state_dict(self.best_weights, strict=False)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = getattr(model, "module", model)
+    return inner.trainable_state_dict()
