@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import logging
 import os
 import re
@@ -210,17 +211,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary file beside ``path``; rename it over ``path`` only if the block succeeds.
 
     Readers of ``path`` see the old file or the new one, never a partial write; a failure
-    removes the temporary file and leaves ``path`` untouched.
+    (e.g. no space left) removes the temporary file and leaves ``path`` untouched. The file is
+    flushed to the disk before the rename and the folder after it, so a power loss cannot leave
+    a renamed but empty file. A process killed inside the block leaves its temporary file
+    (:func:`temporaries_beside` finds it).
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield tmp_name
+        _fsync(tmp_name, os.O_RDONLY)
         os.replace(tmp_name, path)
+        _fsync(path.parent, os.O_RDONLY)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def temporaries_beside(path: str | os.PathLike) -> list[Path]:
+    """The temporary files :func:`atomic_path` made for ``path`` (leftovers once no writer runs)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")) if path.parent.is_dir() else []
 
 
 def save_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: dict | None = None,

@@ -45,6 +45,8 @@ from monailabel.endpoints import session as upstream_session
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
+from lib.durable import DurableDatastore
+
 logger = logging.getLogger(__name__)
 
 #: What the header checks read; any other file type is refused before a reader touches it.
@@ -194,20 +196,15 @@ def check_app_image(image: Any, datastore) -> None:
     _datastore_image(image, datastore)
 
 
-class StudiesOnlyDatastore(LocalDatastore):
-    """Upstream's local datastore, confined to its studies folder.
+class StudiesOnlyDatastore(DurableDatastore):
+    """Upstream's local datastore, confined to its studies folder, its writes atomic (``lib/durable.py``).
 
     Upstream joins ids and tags into paths (``os.path.join(labels, tag)``), so
     ``PUT /datastore/label?tag=../../x`` or ``PUT /datastore/image?image=../x`` write outside the
     studies, and a symlink in the studies is served wherever it points. Here ids and tags must
     be plain names, and a file that resolves outside the folder is not served.
+    ``StudiesOnlyDatastore.adopt(store)`` re-classes upstream's object (``DurableDatastore.adopt``).
     """
-
-    @classmethod
-    def adopt(cls, store: LocalDatastore) -> StudiesOnlyDatastore:
-        """Re-class upstream's datastore object (built with the server's settings), not copy it."""
-        store.__class__ = cls
-        return store
 
     def inside(self, path: str) -> bool:
         return is_inside(path, self._datastore_path)

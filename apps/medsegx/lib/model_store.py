@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsegx.build import build_model
-from medsegx.checkpoint import CheckpointError, load_checkpoint
+from medsegx.checkpoint import CheckpointError, load_checkpoint, previous_checkpoint_path, temporaries_beside
 from medsegx.modeling import MedSegXModel
 from medsegx.predictor import Predictor
 
@@ -81,6 +81,19 @@ class ModelStore:
         self._loaded: LoadedModel | None = None
         self._stamp: tuple | None = None
         self._failed_stamp: tuple | None = _NOTHING
+        if not in_background_process():  # the server starts before any train task that could be writing them
+            self.remove_leftovers()
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove the temporary files of a publish that a kill interrupted (they are never loaded)."""
+        paths = [*self.settings.checkpoint_paths, *map(previous_checkpoint_path, self.settings.checkpoint_paths)]
+        leftovers = [tmp for path in paths for tmp in temporaries_beside(path)]
+        for tmp in leftovers:
+            tmp.unlink(missing_ok=True)
+        if leftovers:
+            logger.warning("removed %d partial checkpoint file(s) of an interrupted publish: %s", len(leftovers),
+                           ", ".join(tmp.name for tmp in leftovers))
+        return leftovers
 
     def newest_checkpoint(self) -> Path | None:
         """The last existing file of ``settings.checkpoint_paths``."""
