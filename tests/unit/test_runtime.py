@@ -77,6 +77,23 @@ def test_openvino_matches_eager_on_the_sample_volumes(lite_pair, sample_data):
         assert np.allclose(ours.expert_gates, reference.expert_gates, atol=1e-5)
 
 
+def test_static_and_dynamic_decoder_graphs_match_eager(lite_pair, sample_data):
+    """A box or one click (two point rows) runs the static-shape decoder copy, box + clicks the dynamic one."""
+    compiled, eager = lite_pair
+    volume, context, z, box, _ = next(structure_slices(sample_data, "ct_phantom", {"liver": 1}, "CT"))
+    centre = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]
+    runtime = compiled.serving.current()
+    prompts = {"box": (box, None), "one click": (None, [[*centre, 1]]), "box + clicks": (box, [[*centre, 1], [5, 5, 0]])}
+    for name, (prompt_box, points) in prompts.items():
+        rows = prompt_rows(None if prompt_box is None else torch.zeros(1, 4),
+                           None if points is None else (torch.zeros(1, len(points), 2), torch.zeros(1, len(points))))
+        assert (rows[0].shape[1] == runtime_module.STATIC_PROMPT_ROWS) == (name != "box + clicks")
+        ours = compiled.predict(volume[z], prompt_box, context, points=points)
+        reference = eager.predict(volume[z], prompt_box, context, points=points)
+        assert rel_l2(ours.logits, reference.logits) <= 1e-3, name
+        assert dice(ours.mask, reference.mask) >= 0.99, name
+
+
 def test_openvino_3d_box_and_clicks_match_eager(lite_pair, sample_data):
     compiled, eager = lite_pair
     volume, context, z, box, (z_first, z_last) = next(structure_slices(sample_data, "ct_phantom", {"liver": 1}, "CT"))
