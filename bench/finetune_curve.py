@@ -1,213 +1,342 @@
-"""Few-shot fine-tuning curve on CPU: Dice on unseen slices after labelling k slices.
+"""Few-shot fine-tuning curve on real volumes, against MONAI Label's own recipe, on CPU.
 
-For each case (a structure of a sample volume the model was not trained on), label
-``k = 0, 1, 2, 4, 8`` slices, fine-tune a fresh copy of the model on them with the in-loop
-train task's own step (``medsegx.steps.train_step``: box pushed out by 0..19 px, Dice + BCE
-min over the three masks, adapters / gates / context embeddings / mask decoder trained),
-and report the Dice of the remaining slices. ``k = 0`` is the zero-shot model, measured in
-the same run on the same slices.
+For each case (one structure of a real labelled volume, ``sample-data/real_data.py``), label
+``k = 0, 1, 2, 4, 8`` slices and report the Dice on the volume's other slices of:
 
-- Slices are axial slices of the ``(Z, H, W)`` stack, prepared as the infer task prepares
-  them (``medsegx.transforms.prepare_volume`` on the whole volume, then
-  ``to_model_input``); a slice counts when the structure covers >= 10 pixels.
-- The k training slices are spread evenly over the structure's extent (the middle of k equal
-  parts: k = 1 is the middle slice, k = 2 never the two tips); the evaluation
-  slices are the structure's other slices (never a training slice for any k), at most
-  ``--eval-slices`` of them, evenly spread: the same evaluation set for every k.
-- Every k > 0 trains ``--steps`` optimiser steps (batch 1, cycling through its k slices in
-  a new random order each pass): the same compute for every k, so the curve shows the
-  effect of the labels, not of longer training. One "epoch" = one pass over the k slices.
-- Dice (256 x 256 grid, sigmoid > 0.5, exact box): of the mask chosen by predicted IoU (what
-  the infer task returns) and of the best of the three (the paper's oracle protocol).
-- CPU seconds are ``time.process_time()`` of this process (all its threads), wall seconds
-  beside them; ``--threads`` torch threads (default 2).
+- **ours**: a copy of the model fine-tuned on the k slices by the in-loop train task's recipe
+  and budget: ``medsegx.budget`` decides the steps (``base_steps + steps_per_slice x`` training
+  slices), the epochs (``StructureBalancedSampler`` with the plan's epoch length, as the
+  task's loader), the validation slices (the training slices below 8 labelled slices, every
+  5th of them from 8 on) and the early stop (``EarlyStop``: best-validating weights kept);
+  each step is ``medsegx.steps.train_step`` with the task's box jitter. ``k = 0`` is the
+  zero-shot model. Dice of the mask chosen by predicted IoU (what the infer task returns).
+- **unet**: MONAI Label's recipe for a single structure, the radiology app's
+  ``segmentation_spleen`` network (``monai.networks.nets.UNet``, channels 16..256, strides 2,
+  2 residual units, batch norm; here 2D, ``spatial_dims=2``) trained from scratch on the same
+  k slices with its trainer's loss and optimiser (``DiceCELoss(to_onehot_y, softmax,
+  squared_pred, batch)``, AdamW lr 1e-4, weight decay 1e-5), the slice scaled to 0..1, for
+  the same CPU seconds as ours took on that k (training and validation). It gets no box.
 
-Cases (built with ``sample-data/build_sample_data.py`` into a temporary folder unless
-``--datastore`` points at a built one):
+Both are scored on the same 256 x 256 grid (the model frame: longest side -> 256, padded),
+sigmoid > 0.5 for ours, argmax for the UNet, on the same evaluation slices for every k:
+``--eval-slices`` of the structure's slices, evenly spread; the k training slices are the
+middles of k equal parts of the other slices. Each seed changes
+the box jitter and the slice order (ours) and the initialisation and order (UNet); rows are
+mean +- sd over seeds. ``cross``: the model tuned on the largest k of the case, scored on
+``--cross-case`` (the same structure in another volume, e.g. TotalSegmentator's CT pancreas ->
+its MR pancreas), against the zero-shot model and the UNet of that k.
 
-- ``mni_wm``: MNI152 T1 white matter (label 2, MRI; the task exists in MedSegDB, but the
-  LiteMedSAM-based model has never been trained with its context);
-- ``phantom_organ_b``: the CT phantom's spleen (label 2) under the name ``organ_b``, which is
-  outside MedSegDB (unknown context: modality only, free task row).
+Real data (cached in ``sample-data/real/``): TotalSegmentator's reference CT / MR (its masks are
+**model-made**), Colin27 with the **hand-drawn** AAL atlas, MNI152 tissue maps.
+
+CPU cost: about (steps x ~3 s + validations x ~1.8 s) for ours and the same again for the UNet,
+per case, seed and k, with one torch thread (a 2-core machine: run cases in parallel processes
+with ``--threads 1``). ``--save-tuned`` writes ours' weights of the largest k and first seed
+(``medsegx.checkpoint.publish_checkpoint``) for ``bench/regression.py``.
 
 Usage::
 
-    python bench/finetune_curve.py [--cases mni_wm phantom_organ_b] [--ks 0 1 2 4 8]
-        [--steps 24] [--lr 1e-4] [--eval-slices 16] [--threads 2] [--json out.json]
+    python bench/finetune_curve.py [--cases ct_pancreas aal_hippocampus] [--ks 0 1 2 4 8] [--seeds 0 1 2]
+        [--eval-slices 6] [--cross ct_pancreas:mr_pancreas] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from medsegx.build import build_model
-from medsegx.items import item_from_arrays, jitter_box
-from medsegx.slices import evenly_spaced, structure_slices
-from medsegx.steps import build_optimizer, train_step, val_step
-from medsegx.taxonomy import resolve
-from medsegx.transforms import prepare_volume
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "sample-data"))
+
+from real_data import load_cases  # noqa: E402
+
+from medsegx.budget import INLOOP_LR, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
+from medsegx.build import build_model  # noqa: E402
+from medsegx.checkpoint import publish_checkpoint  # noqa: E402
+from medsegx.items import item_from_arrays, jitter_box  # noqa: E402
+from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices  # noqa: E402
+from medsegx.steps import build_optimizer, train_step, val_step  # noqa: E402
+from medsegx.taxonomy import resolve  # noqa: E402
+from medsegx.transforms import prepare_volume  # noqa: E402
 
 logger = logging.getLogger("finetune_curve")
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_KS = (0, 1, 2, 4, 8)
+#: The train task's CPU defaults (apps/medsegx/lib/trainers/medsegx.py): slices drawn per
+#: structure per epoch and validation slices per structure.
+SLICES_PER_STRUCTURE = 8
+VAL_SLICES_PER_STRUCTURE = 2
 
 
 @dataclass(frozen=True)
 class Case:
-    name: str
-    image: str
-    label_value: int
-    target: str
-    modality: str
-    note: str
+    source: str  # a real_data source
+    structure: str  # one of its masks
 
 
 CASES = {
-    "mni_wm": Case("mni_wm", "mni152_t1.nii.gz", 2, "white_matter", "MRI", "MNI152 T1 white matter"),
-    "phantom_organ_b": Case("phantom_organ_b", "ct_phantom.nii.gz", 2, "organ_b", "CT",
-                            "CT phantom spleen named 'organ_b' (outside MedSegDB)"),
+    "ct_pancreas": Case("totalseg_ct", "pancreas"),
+    "ct_stomach": Case("totalseg_ct", "stomach"),
+    "ct_spleen": Case("totalseg_ct", "spleen"),
+    "ct_liver": Case("totalseg_ct", "liver"),
+    "mr_pancreas": Case("totalseg_mr", "pancreas"),
+    "mr_spleen": Case("totalseg_mr", "spleen"),
+    "mr_liver": Case("totalseg_mr", "liver"),
+    "aal_hippocampus": Case("colin27_aal", "hippocampus"),
+    "aal_amygdala": Case("colin27_aal", "amygdala"),
+    "aal_caudate": Case("colin27_aal", "caudate"),
+    "aal_putamen": Case("colin27_aal", "putamen"),
+    "mni_wm": Case("mni152", "white_matter"),
 }
+DEFAULT_CASES = ("ct_pancreas", "ct_stomach", "ct_spleen", "aal_hippocampus", "aal_amygdala", "aal_caudate")
 
 
-def build_sample_data(out_dir: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("build_sample_data", REPO / "sample-data" / "build_sample_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return Path(module.build(out_dir / "datastore")["datastore"])
+@dataclass
+class Volume:
+    """One case's prepared slices and structure mask, and the items of its slices."""
+
+    name: str
+    prepared: np.ndarray  # (Z, H, W) uint8, as the infer task prepares it
+    mask: np.ndarray  # (Z, H, W) bool
+    slices: list[int]  # slices where the structure covers >= 10 px
+    context: object
+    model_made: bool
+
+    def items(self, model, indices) -> list[dict]:
+        return [item_from_arrays(self.prepared[z], self.mask[z], self.context.indices, model.normalize)
+                for z in indices]
 
 
-def load_case(datastore: Path, case: Case):
-    """Prepared ``(Z, H, W)`` uint8 slices, the structure's ``(Z, H, W)`` mask and its slices."""
-    image_xyz = np.asarray(nib.load(str(datastore / case.image)).dataobj, dtype=np.float32)
-    label_xyz = np.asarray(nib.load(str(datastore / "labels" / "final" / case.image)).dataobj)
-    context = resolve(case.target, case.modality)
-    prepared = prepare_volume(np.transpose(image_xyz, (2, 1, 0)), case.modality, context, channels=1)
-    labels = np.transpose(label_xyz, (2, 1, 0))
-    slices = structure_slices(labels)[case.label_value].tolist()
-    return prepared, labels == case.label_value, slices, context
+def load_volume(name: str) -> Volume:
+    case = CASES[name]
+    (real,) = load_cases([case.source])
+    context = resolve(case.structure, real.modality)
+    prepared = prepare_volume(real.image, real.modality, context, channels=1)
+    mask = real.masks[case.structure]
+    slices = structure_slices(mask.astype(np.uint8))[1].tolist()
+    return Volume(name, prepared, mask, slices, context, real.model_made)
 
 
-def items_for(model, prepared, mask, slices, context):
-    return [item_from_arrays(prepared[z], mask[z], context.indices, model.normalize) for z in slices]
+def split_slices(volume: Volume, ks, eval_count: int) -> tuple[dict[int, list[int]], list[int]]:
+    """The evaluation slices (evenly spread), then each k's training slices from the others."""
+    eval_set = evenly_spaced(volume.slices, eval_count, ends=False)
+    candidates = [z for z in volume.slices if z not in set(eval_set)]
+    return {k: evenly_spaced(candidates, k, ends=False) for k in ks if k > 0}, eval_set
 
 
-def evaluate(model, items, batch_size: int = 4) -> tuple[list[float], list[float]]:
-    chosen, oracle = [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        batch = {key: torch.stack([item[key] for item in chunk]) for key in chunk[0]}
-        output = val_step(model, batch)
-        chosen.extend(output["dice"].tolist())
-        oracle.extend(output["dice_oracle"].tolist())
-    return chosen, oracle
-
-
-def finetune(model, items, steps: int, lr: float, seed: int) -> dict:
-    optimizer = build_optimizer(model, lr)
+# -- ours: the train task's budget, sampler, validation and early stop around train_step --------
+def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: int) -> dict:
+    """Fine-tune ``model`` in place on one structure's labelled slices; the best-validating weights stay."""
+    train_index, val_index = split_for_validation(["structure"] * len(items), budget.holdout_min_slices)
+    train_items, val_items = [items[i] for i in train_index], [items[i] for i in val_index]
+    plan = budget.plan(len(train_items), min(len(train_items), SLICES_PER_STRUCTURE))
+    sampler = StructureBalancedSampler(["structure"] * len(train_items), SLICES_PER_STRUCTURE, seed=seed,
+                                       min_length=plan.epoch_steps)
+    val_sampler = StructureBalancedSampler(["structure"] * len(val_items), VAL_SLICES_PER_STRUCTURE, shuffle=False)
     generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses = []
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
-    for _ in range(steps):
-        if not order:
-            order = torch.randperm(len(items), generator=generator).tolist()
-        item = items[order.pop()]
-        batch = {key: value[None] for key, value in item.items()}
-        batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator)[None]
-        losses.append(train_step(model, batch, optimizer)["loss"].item())
-    cpu, wall = time.process_time() - cpu_start, time.perf_counter() - wall_start
-    return {"cpu_s": cpu, "wall_s": wall, "first_loss": losses[0], "last_loss": statistics.mean(losses[-len(items):])}
+    optimizer = build_optimizer(model, lr)
+    stopper = EarlyStop(plan.patience)
+    cpu_start, steps, epoch = time.process_time(), 0, 0
+    for epoch in range(1, plan.epochs + 1):
+        for index in sampler:
+            item = train_items[index]
+            batch = {key: value[None] for key, value in item.items()}
+            batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator)[None]
+            train_step(model, batch, optimizer)
+            steps += 1
+        scores = [val_step(model, {key: value[None] for key, value in val_items[i].items()})["dice"].item()
+                  for i in val_sampler]
+        if stopper.update(statistics.mean(scores), epoch, model):
+            break
+    stopper.restore(model)
+    return {"cpu_s": time.process_time() - cpu_start, "steps": steps, "planned_steps": plan.steps,
+            "epochs": epoch, "best_epoch": stopper.best_epoch, "train_slices": len(train_items),
+            "val_slices": len(val_sampler)}
 
 
-def run_case(case: Case, datastore: Path, base_model, ks, steps, lr, eval_slices, seed) -> list[dict]:
-    prepared, mask, slices, context = load_case(datastore, case)
-    # the evaluation set leaves out the training slices of every default k too, so runs with
-    # other --ks (e.g. a learning-rate check at one k) evaluate on the same slices
-    training_sets = {k: evenly_spaced(slices, k, ends=False) for k in sorted(set(ks) | set(DEFAULT_KS)) if k > 0}
-    used = set().union(*training_sets.values()) if training_sets else set()
-    eval_set = evenly_spaced([z for z in slices if z not in used], eval_slices)
-    logger.info("%s: %d slices with the structure; evaluation on %d: %s", case.name, len(slices), len(eval_set),
-                eval_set)
-    eval_items = items_for(base_model, prepared, mask, eval_set, context)
+def evaluate(model, items: list[dict]) -> list[float]:
+    return [val_step(model, {key: value[None] for key, value in item.items()})["dice"].item() for item in items]
+
+
+# -- the anchor: MONAI Label's single-structure UNet recipe, from scratch -------------------------
+def unet_input(item: dict) -> torch.Tensor:
+    image = item["image"][:1]
+    return ((image - image.min()) / (image.max() - image.min()).clamp_min(1e-8))[None]  # 0..1, (1, 1, 256, 256)
+
+
+def train_unet(items: list[dict], cpu_budget_s: float, seed: int) -> tuple[torch.nn.Module, int]:
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+               num_res_units=2, norm="batch")
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=1e-5)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, batch=True)
+    generator = torch.Generator().manual_seed(seed)
+    net.train()
+    steps, start = 0, time.process_time()
+    while time.process_time() - start < cpu_budget_s:
+        for index in torch.randperm(len(items), generator=generator).tolist():
+            optimizer.zero_grad(set_to_none=True)
+            loss_function(net(unet_input(items[index])), items[index]["label"][None]).backward()
+            optimizer.step()
+            steps += 1
+            if time.process_time() - start >= cpu_budget_s:
+                break
+    return net.eval(), steps
+
+
+@torch.no_grad()
+def evaluate_unet(net, items: list[dict]) -> list[float]:
+    scores = []
+    for item in items:
+        pred = net(unet_input(item)).argmax(dim=1)[0].numpy().astype(bool)
+        truth = item["label"][0].numpy() > 0.5
+        total = pred.sum() + truth.sum()
+        scores.append(float(2 * (pred & truth).sum() / total) if total else 1.0)
+    return scores
+
+
+# -- one case ------------------------------------------------------------------------------------
+def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float, eval_count: int,
+             cross: Volume | None, save_tuned: Path | None) -> list[dict]:
+    volume = load_volume(name)
+    sets, eval_set = split_slices(volume, ks, eval_count)
+    logger.info("%s: %d slices with the structure; evaluation on %s", name, len(volume.slices), eval_set)
+    eval_items = volume.items(base_model, eval_set)
+    cross_items = cross.items(base_model, evenly_spaced(cross.slices, eval_count, ends=False)) if cross else []
+    zero_shot = statistics.mean(evaluate(base_model, eval_items))
+    cross_zero_shot = statistics.mean(evaluate(base_model, cross_items)) if cross_items else None
     rows = []
-    for k in ks:
-        model = copy.deepcopy(base_model)
-        row = {"case": case.name, "k": k, "train_slices": training_sets.get(k, []), "eval_slices": len(eval_set)}
-        if k > 0:
-            train_items = items_for(model, prepared, mask, training_sets[k], context)
-            timing = finetune(model, train_items, steps, lr, seed)
-            row.update(steps=steps, epochs=steps / k, cpu_s_per_image=timing["cpu_s"] / steps,
-                       wall_s_per_image=timing["wall_s"] / steps, cpu_s_per_epoch=timing["cpu_s"] / steps * k,
-                       first_loss=timing["first_loss"], last_loss=timing["last_loss"])
-        cpu_start = time.process_time()
-        chosen, oracle = evaluate(model, eval_items)
-        row.update(dice=statistics.mean(chosen), dice_sd=statistics.pstdev(chosen), dice_oracle=statistics.mean(oracle),
-                   eval_cpu_s_per_image=(time.process_time() - cpu_start) / len(eval_items))
-        logger.info("%s k=%d: Dice %.4f (oracle %.4f)%s", case.name, k, row["dice"], row["dice_oracle"],
-                    f", {row['cpu_s_per_image']:.2f} CPU s/image" if k else "")
+    largest = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else None
+    for k in sorted(ks):
+        row = {"case": name, "k": k, "model_made": volume.model_made, "eval_slices": len(eval_set),
+               "train_slices": sets.get(k, [])}
+        if k == 0:
+            row.update(ours=[zero_shot] * len(seeds), unet=[], steps=[], cpu_s=[])
+            if cross_items:
+                row.update(cross_ours=[cross_zero_shot] * len(seeds), cross_unet=[])
+            rows.append(row)
+            continue
+        for seed in seeds:
+            model = copy.deepcopy(base_model)
+            train_items = volume.items(model, sets[k])
+            info = finetune(model, train_items, budget, lr, seed)
+            unet, unet_steps = train_unet(train_items, info["cpu_s"], seed)
+            row.setdefault("ours", []).append(statistics.mean(evaluate(model, eval_items)))
+            row.setdefault("unet", []).append(statistics.mean(evaluate_unet(unet, eval_items)))
+            row.setdefault("steps", []).append(info["steps"])
+            row.setdefault("planned_steps", []).append(info["planned_steps"])
+            row.setdefault("best_epoch", []).append(info["best_epoch"])
+            row.setdefault("cpu_s", []).append(info["cpu_s"])
+            row.setdefault("unet_steps", []).append(unet_steps)
+            if cross_items and k == largest:
+                row.setdefault("cross_ours", []).append(statistics.mean(evaluate(model, cross_items)))
+                row.setdefault("cross_unet", []).append(statistics.mean(evaluate_unet(unet, cross_items)))
+            logger.info("%s k=%d seed %d: ours %.3f (%d/%d steps, best epoch %d, %.0f CPU s) unet %.3f (%d steps)",
+                        name, k, seed, row["ours"][-1], info["steps"], info["planned_steps"], info["best_epoch"],
+                        info["cpu_s"], row["unet"][-1], unet_steps)
+            if save_tuned is not None and k == largest and seed == seeds[0]:
+                publish_checkpoint(model, save_tuned, {"trained_by": "bench/finetune_curve.py", "case": name,
+                                                       "k": k, "seed": seed, "lr": lr})
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| case | k | steps (epochs) | Dice, IoU-chosen (sd) | Dice, oracle | CPU s / epoch | CPU s / image | "
-             "wall s / image |", "|---|---|---|---|---|---|---|---|"]
+# -- tables --------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def crossing(rows: list[dict]) -> str:
+    """The first k at which the UNet's mean Dice reaches ours ("not within k" when it never does)."""
     for row in rows:
-        if row["k"] == 0:
-            training = ("0 (zero-shot)", "-", "-", "-")
-        else:
-            training = (f"{row['steps']} ({row['epochs']:.1f})", f"{row['cpu_s_per_epoch']:.1f}",
-                        f"{row['cpu_s_per_image']:.2f}", f"{row['wall_s_per_image']:.2f}")
-        lines.append(f"| {row['case']} | {row['k']} | {training[0]} | {row['dice']:.3f} ({row['dice_sd']:.3f}) | "
-                     f"{row['dice_oracle']:.3f} | {training[1]} | {training[2]} | {training[3]} |")
+        if row["k"] > 0 and row["unet"] and statistics.mean(row["unet"]) >= statistics.mean(row["ours"]):
+            return f"k = {row['k']}"
+    return f"not within k <= {max(row['k'] for row in rows)}"
+
+
+def monotonic(rows: list[dict]) -> bool:
+    means = [statistics.mean(row["ours"]) for row in sorted(rows, key=lambda r: r["k"])]
+    return all(later > earlier for earlier, later in zip(means, means[1:]))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | k | ours Dice (mean ± sd) | UNet Dice, same CPU s | steps (planned) | best epoch | CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        star = "*" if row["model_made"] else ""
+        steps = (f"{statistics.mean(row['steps']):.0f} ({statistics.mean(row['planned_steps']):.0f})"
+                 if row.get("steps") else "0 (zero-shot)")
+        best = f"{statistics.mean(row['best_epoch']):.1f}" if row.get("best_epoch") else "-"
+        cpu = f"{statistics.mean(row['cpu_s']):.0f}" if row.get("cpu_s") else "-"
+        lines.append(f"| {row['case']}{star} | {row['k']} | {_mean_sd(row['ours'])} | {_mean_sd(row['unet'])} | "
+                     f"{steps} | {best} | {cpu} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    lines = ["| case | ours rises monotonically | UNet reaches ours at |", "|---|---|---|"]
+    for case in dict.fromkeys(row["case"] for row in rows):
+        case_rows = [row for row in rows if row["case"] == case]
+        lines.append(f"| {case} | {'yes' if monotonic(case_rows) else 'no'} | {crossing(case_rows)} |")
+    return "\n".join(lines)
+
+
+def cross_table(rows: list[dict], cross_name: str) -> str:
+    lines = [f"| tuned on | k | scored on {cross_name}: ours | UNet | zero-shot |", "|---|---|---|---|---|"]
+    zero = next((row["cross_ours"] for row in rows if row["k"] == 0 and "cross_ours" in row), None)
+    for row in rows:
+        if row["k"] > 0 and row.get("cross_ours"):
+            lines.append(f"| {row['case']} | {row['k']} | {_mean_sd(row['cross_ours'])} | "
+                         f"{_mean_sd(row['cross_unet'])} | {_mean_sd(zero[:1]) if zero else '-'} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
-    parser.add_argument("--steps", type=int, default=24, help="optimiser steps for every k > 0")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--eval-slices", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--datastore", type=Path, default=None, help="a built sample datastore (default: build one)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lr", type=float, default=INLOOP_LR, help="the train task's default")
+    parser.add_argument("--eval-slices", type=int, default=6)
+    parser.add_argument("--cross", default=None, metavar="CASE:OTHER",
+                        help="score CASE's largest-k models on OTHER (the same structure in another volume)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-tuned", type=Path, default=None, help="checkpoint of the first case's largest k")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        datastore = args.datastore or build_sample_data(Path(tmp))
-        start = time.perf_counter()
-        base_model = build_model("lite")
-        logger.info("lite model built in %.1f s; %d torch threads", time.perf_counter() - start,
-                    torch.get_num_threads())
-        rows = []
-        for name in args.cases:
-            rows.extend(run_case(CASES[name], datastore, base_model, sorted(args.ks), args.steps, args.lr,
-                                 args.eval_slices, args.seed))
+    budget = FinetuneBudget()
+    base_model = build_model("lite")
+    cross_source, cross_target = args.cross.split(":") if args.cross else (None, None)
+    cross = load_volume(cross_target) if cross_target else None
+    rows = []
+    for index, name in enumerate(args.cases):
+        rows.extend(run_case(name, base_model, sorted(set(args.ks)), args.seeds, budget, args.lr, args.eval_slices,
+                             cross if name == cross_source else None, args.save_tuned if index == 0 else None))
     print(markdown(rows))
-    print(f"\nlr {args.lr}, {args.steps} steps per k (batch 1), torch threads {args.threads}; "
-          + "; ".join(f"{c}: {CASES[c].note}" for c in args.cases))
+    print()
+    print(summary(rows))
+    if cross_source in args.cases:
+        print()
+        print(cross_table([row for row in rows if row["case"] == cross_source], cross_target))
+    print(f"\n* = model-made (TotalSegmentator) masks. lr {args.lr}, seeds {args.seeds}, budget {budget}, "
+          f"torch threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

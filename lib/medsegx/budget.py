@@ -28,7 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BudgetPlan", "EarlyStop", "FinetuneBudget", "split_for_validation"]
+__all__ = ["INLOOP_LR", "BudgetPlan", "EarlyStop", "FinetuneBudget", "split_for_validation"]
+
+#: AdamW learning rate of an in-loop round: a round is tens of steps, where the paper's 5e-5
+#: (``medsegx.steps.FINETUNE_LR``) is for 30 epochs over a whole fine-tuning split.
+INLOOP_LR = 1e-4
 
 #: Every HOLDOUT_EVERY-th slice of a structure with enough labelled slices is held out.
 HOLDOUT_EVERY = 5

@@ -57,12 +57,12 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 
-from medsegx.budget import BudgetPlan, EarlyStop, FinetuneBudget
+from medsegx.budget import INLOOP_LR, BudgetPlan, EarlyStop, FinetuneBudget
 from medsegx.checkpoint import publish_checkpoint
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import finite_or_none
 from medsegx.slices import StructureBalancedSampler
-from medsegx.steps import FINETUNE_LR, FINETUNE_WEIGHT_DECAY, build_optimizer, train_step, val_step
+from medsegx.steps import FINETUNE_WEIGHT_DECAY, build_optimizer, train_step, val_step
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.background import limit_background_cpu
@@ -128,7 +128,7 @@ class MedSegXTrain(BasicTrainTask):
             "val_split": 0.2,
             "train_batch_size": 4 if gpu else 1,
             "val_batch_size": 4 if gpu else 1,
-            "lr": FINETUNE_LR,
+            "lr": INLOOP_LR,
             "weight_decay": FINETUNE_WEIGHT_DECAY,
             "slices_per_structure": 16 if gpu else 8,
             "val_slices_per_structure": 8 if gpu else 2,
@@ -252,7 +252,7 @@ class MedSegXTrain(BasicTrainTask):
         return model
 
     def optimizer(self, context: Context):
-        return build_optimizer(context.network, float(context.request.get("lr", FINETUNE_LR)),
+        return build_optimizer(context.network, float(context.request.get("lr", INLOOP_LR)),
                                float(context.request.get("weight_decay", FINETUNE_WEIGHT_DECAY)))
 
     def loss_function(self, context: Context):
@@ -486,7 +486,7 @@ class FineTuneMonitor:
                 "best_epoch": self.stopper.best_epoch,
                 "val_dice": self.best,
                 "baseline_val_dice": self.baseline,
-                "lr": float(context.request.get("lr", FINETUNE_LR)),
+                "lr": float(context.request.get("lr", INLOOP_LR)),
                 "training_set": {key: value for key, value in context.build_report.as_dict().items()
                                  if key != "skipped"},
             }
