@@ -210,7 +210,8 @@ def evaluate_unet(net, items: list[dict]) -> list[float]:
 
 # -- one case ------------------------------------------------------------------------------------
 def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float, eval_count: int,
-             cross: Volume | None, save_tuned: Path | None) -> list[dict]:
+             cross: Volume | None, save_tuned: Path | None, progress=None) -> list[dict]:
+    """Rows per k: Dice of ours and the UNet per seed; ``progress(rows)`` after every seed's curve."""
     volume = load_volume(name)
     sets, eval_set = split_slices(volume, ks, eval_count)
     logger.info("%s: %d slices with the structure; evaluation on %s", name, len(volume.slices), eval_set)
@@ -218,29 +219,29 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
     cross_items = cross.items(base_model, evenly_spaced(cross.slices, eval_count, ends=False)) if cross else []
     zero_shot = statistics.mean(evaluate(base_model, eval_items))
     cross_zero_shot = statistics.mean(evaluate(base_model, cross_items)) if cross_items else None
-    rows = []
     largest = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else None
-    for k in sorted(ks):
-        row = {"case": name, "k": k, "model_made": volume.model_made, "eval_slices": len(eval_set),
-               "train_slices": sets.get(k, [])}
-        if k == 0:
-            row.update(ours=[zero_shot] * len(seeds), unet=[], steps=[], cpu_s=[])
-            if cross_items:
-                row.update(cross_ours=[cross_zero_shot] * len(seeds), cross_unet=[])
-            rows.append(row)
-            continue
-        for seed in seeds:
+    rows = {k: {"case": name, "k": k, "model_made": volume.model_made, "eval_slices": len(eval_set),
+                "train_slices": sets.get(k, []), "ours": [], "unet": []} for k in sorted(ks)}
+    if 0 in rows and cross_items:
+        rows[0]["cross_ours"] = []
+    for seed in seeds:  # a whole curve per seed: an interrupted run still has complete curves
+        for k in sorted(ks):
+            row = rows[k]
+            if k == 0:
+                row["ours"].append(zero_shot)
+                if cross_items:
+                    row["cross_ours"].append(cross_zero_shot)
+                continue
             model = copy.deepcopy(base_model)
             train_items = volume.items(model, sets[k])
             info = finetune(model, train_items, budget, lr, seed)
             unet, unet_steps = train_unet(train_items, info["cpu_s"], seed)
-            row.setdefault("ours", []).append(statistics.mean(evaluate(model, eval_items)))
-            row.setdefault("unet", []).append(statistics.mean(evaluate_unet(unet, eval_items)))
-            row.setdefault("steps", []).append(info["steps"])
-            row.setdefault("planned_steps", []).append(info["planned_steps"])
-            row.setdefault("best_epoch", []).append(info["best_epoch"])
-            row.setdefault("cpu_s", []).append(info["cpu_s"])
-            row.setdefault("unet_steps", []).append(unet_steps)
+            row["ours"].append(statistics.mean(evaluate(model, eval_items)))
+            row["unet"].append(statistics.mean(evaluate_unet(unet, eval_items)))
+            for key, value in (("steps", info["steps"]), ("planned_steps", info["planned_steps"]),
+                               ("best_epoch", info["best_epoch"]), ("cpu_s", info["cpu_s"]),
+                               ("unet_steps", unet_steps)):
+                row.setdefault(key, []).append(value)
             if cross_items and k == largest:
                 row.setdefault("cross_ours", []).append(statistics.mean(evaluate(model, cross_items)))
                 row.setdefault("cross_unet", []).append(statistics.mean(evaluate_unet(unet, cross_items)))
@@ -250,8 +251,9 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             if save_tuned is not None and k == largest and seed == seeds[0]:
                 publish_checkpoint(model, save_tuned, {"trained_by": "bench/finetune_curve.py", "case": name,
                                                        "k": k, "seed": seed, "lr": lr})
-        rows.append(row)
-    return rows
+        if progress is not None:
+            progress(list(rows.values()))
+    return list(rows.values())
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -325,10 +327,18 @@ def main(argv=None) -> int:
     base_model = build_model("lite")
     cross_source, cross_target = args.cross.split(":") if args.cross else (None, None)
     cross = load_volume(cross_target) if cross_target else None
-    rows = []
+    rows: list[dict] = []
+
+    def progress(case_rows: list[dict]) -> None:
+        print(markdown(case_rows), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows + case_rows, indent=2))
+
     for index, name in enumerate(args.cases):
         rows.extend(run_case(name, base_model, sorted(set(args.ks)), args.seeds, budget, args.lr, args.eval_slices,
-                             cross if name == cross_source else None, args.save_tuned if index == 0 else None))
+                             cross if name == cross_source else None, args.save_tuned if index == 0 else None,
+                             progress))
+    print()
     print(markdown(rows))
     print()
     print(summary(rows))

@@ -188,6 +188,22 @@ def test_failed_training_leaves_the_served_model(server, client, datastore_image
     assert published.read_bytes() == served
 
 
+def test_the_budget_sets_the_epochs_and_a_plateau_stops_the_round(server, client, datastore_images, published):
+    """No max_epochs: the budget plans the round; with lr 0 no epoch validates better, so it stops early."""
+    run_training(server, client, {"images": [TRAIN_IMAGE], "lr": 0.0, "weight_decay": 0.0, "base_steps": 8,
+                                  "steps_per_slice": 0, "min_epoch_steps": 1, "slices_per_structure": 1,
+                                  "val_slices_per_structure": 1, "early_stop_patience": 1, "tracking": "None"})
+    task = wait_for_task(server.url, "train")
+    details = "\n".join(task.get("details", []))
+    assert task["status"] == "DONE", details
+    # liver and spleen, one slice each per epoch: 8 steps = 4 epochs of 2
+    assert "-> 8 steps: 4 epoch(s) of 2, early stop after 1 epoch(s)" in details
+    assert "early stop after 1 epoch(s) without a better validation Dice" in details
+    result = client.info()["train_stats"][MODEL]["medsegx"]
+    assert result["budget"]["epochs"] == 4 and result["budget"]["steps"] == 8
+    assert (result["epochs"], result["best_epoch"]) == (2, 1)
+
+
 def test_stopped_training_leaves_the_served_model(server, client, datastore_images, published):
     served = published.read_bytes()
     run_training(server, client, {**TINY_RUN, "images": [TRAIN_IMAGE], "max_epochs": 5, "publish": "always",
