@@ -62,6 +62,10 @@ def copy_app(destination: Path) -> Path:
 def server_command(app_dir: Path, studies: Path | str, port: int, *extra: str) -> list[str]:
     # The `monailabel` launcher of this interpreter's environment (it runs `python -m monailabel.main`).
     launcher = Path(sysconfig.get_paths()["scripts"]) / "monailabel"
+    if "prefetch_slices" not in extra:
+        # idle-time prefetch off unless a test asks for it (tests/app/test_prefetch.py): the tests
+        # say which boxes must miss the embedding cache, and a prefetched neighbour would not
+        extra = (*extra, "--conf", "prefetch_slices", "0")
     return [str(launcher), "start_server", "--app", str(app_dir), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
@@ -113,9 +117,9 @@ def wait_until_answering(probe_url: str, process: subprocess.Popen, log: Path, t
     pytest.fail(f"{what} did not answer {probe_url} within {timeout_s:.0f} s:\n{log_tail(log)}")
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll the MONAI Label server's ``/info/`` until it answers."""
-    wait_until_answering(f"{url}/info/", process, log, timeout_s)
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float, probe: str = "/info/") -> None:
+    """Poll the MONAI Label server's ``probe`` (``/info/``; ``/auth/`` when a token guards the rest) until it answers."""
+    wait_until_answering(f"{url}{probe}", process, log, timeout_s)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -128,10 +132,10 @@ def stop(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
-def serve(root: Path, studies: Path | str, *extra: str):
+def serve(root: Path, studies: Path | str, *extra: str, probe: str = "/info/"):
     """Run ``monailabel start_server`` with a copy of the app in ``root`` until the generator is closed.
 
-    Yields the ``Server`` once ``GET /info/`` answers; ``extra`` goes to ``start_server``
+    Yields the ``Server`` once ``GET <probe>`` answers; ``extra`` goes to ``start_server``
     (e.g. ``"--conf", "infer_queue", "1"``).
     """
     app_dir = copy_app(root / "app")
@@ -144,7 +148,7 @@ def serve(root: Path, studies: Path | str, *extra: str):
     server = Server(url, process, log, app_dir, root / "client")
     server.client_dir.mkdir()
     try:
-        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
+        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S, probe)
         yield server
     finally:
         stop(process)
@@ -156,6 +160,7 @@ class Launcher:
     copy_app = staticmethod(copy_app)
     env = staticmethod(server_env)
     serve = staticmethod(serve)
+    wait_until_serving = staticmethod(wait_until_serving)
 
     @staticmethod
     def command(app_dir: Path, studies: Path | str, *extra: str) -> list[str]:

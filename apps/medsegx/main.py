@@ -5,11 +5,12 @@
         [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
         [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N] \
         [--conf max_voxels N] [--conf max_upload_mb N]
+    MEDSEGX_API_TOKEN=<secret> in the environment: every request needs ``Authorization: Bearer <secret>``
 
 Options are parsed once into ``lib.settings.AppSettings``; the app's part of the
 MONAI Label 0.8.5 workarounds (``docs/MONAILABEL_COMPAT.md``) is in ``lib/compat.py`` and, for
 inference off the event loop (#6), ``lib/concurrency.py``; what a client may make the server read (#8),
-``lib/guards.py``; the request format is documented in
+``lib/guards.py``; the API token, ``lib/auth.py``; atomic label writes (#9), ``lib/durable.py``; the request format is documented in
 ``lib/infers/medsegx.py`` and ``README.md``.
 """
 
@@ -28,7 +29,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import compat
+from lib import auth, compat
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
@@ -66,6 +67,7 @@ class MedSegXApp(MONAILabelApp):
             logger.info("MONAI_LABEL_INFER_CONCURRENCY ignored: inference runs in the app's queue")
             self._infers_threadpool.shutdown(wait=False)
             self._infers_threadpool = None
+        auth.install_in_server()  # last: the token is checked before any other wrapper reads a body
 
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}

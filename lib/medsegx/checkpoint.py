@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import glob
+import io
 import logging
 import os
 import re
@@ -269,8 +270,10 @@ def save_checkpoint(model: MedSegXModel, path: str | os.PathLike, metadata: dict
         "epoch": int(epoch),
         "metadata": meta,
     }
-    with atomic_path(path) as tmp_name:
-        torch.save(payload, tmp_name)
+    serialized = io.BytesIO()
+    torch.save(payload, serialized)  # in memory first: torch's file writer turns ENOSPC into "unexpected pos"
+    with atomic_path(path) as tmp_name, open(tmp_name, "wb") as stream:
+        stream.write(serialized.getbuffer())  # OSError "No space left on device" on a full disk
     return meta
 
 
