@@ -30,6 +30,8 @@ from urllib.parse import parse_qs
 
 from monailabel.config import settings
 
+from lib import guards
+
 logger = logging.getLogger(__name__)
 
 TOKEN_VARIABLE = "MEDSEGX_API_TOKEN"
@@ -105,13 +107,7 @@ def install_token_auth(fastapi_app, token: str) -> None:
     Called after every other wrapper is installed (``MedSegXApp.__init__``), so an unauthenticated
     upload is refused before ``lib.guards.UploadLimit`` counts its body.
     """
-    stack = fastapi_app.middleware_stack
-    if stack is None:
-        stack = fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
-    if isinstance(stack, TokenAuth):
-        stack.token = token
-    else:
-        fastapi_app.middleware_stack = TokenAuth(stack, token)
+    guards.wrap_served_stack(fastapi_app, TokenAuth, token=token)
     logger.info("every request needs 'Authorization: Bearer <token>' ($%s)", TOKEN_VARIABLE)
 
 

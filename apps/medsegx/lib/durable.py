@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,16 @@ def write_atomically(destination: str | os.PathLike, source: str | os.PathLike |
     _fsync_folder(destination.parent)
 
 
+def remove_leftovers(paths: Iterable[Path], what: str) -> list[Path]:
+    """Unlink the temporary files an interrupted write left; ``what`` names them in the one log line."""
+    removed = list(paths)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        logger.warning("removed %d %s: %s", len(removed), what, ", ".join(path.name for path in removed))
+    return removed
+
+
 def partial_files(folder: str | os.PathLike) -> list[Path]:
     """Temporary files :func:`write_atomically` left in ``folder`` (one level, hidden, ``.partial``)."""
     folder = Path(folder)
@@ -96,15 +107,10 @@ class DurableDatastore(LocalDatastore):
         labels = self._datastore.label_path(None)
         if os.path.isdir(labels):
             folders += [entry.path for entry in os.scandir(labels) if entry.is_dir()]
+        unique = dict.fromkeys(os.path.realpath(folder) for folder in folders)
         with FileLock(self._lock_file):  # every write holds it: no partial file is in use now
-            unique = dict.fromkeys(os.path.realpath(folder) for folder in folders)
-            removed = [path for folder in unique for path in partial_files(folder)]
-            for path in removed:
-                path.unlink(missing_ok=True)
-        if removed:
-            logger.warning("removed %d partial file(s) left by an interrupted write: %s", len(removed),
-                           ", ".join(path.name for path in removed))
-        return removed
+            return remove_leftovers([path for folder in unique for path in partial_files(folder)],
+                                    "partial datastore file(s) of an interrupted write")
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         # upstream's save_label with the copy made atomic (its shutil.copy leaves a partial label on a kill)

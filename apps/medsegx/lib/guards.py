@@ -486,19 +486,27 @@ class UploadLimit:
             await self._send_413(send)
 
 
-def install_upload_limit(fastapi_app, max_bytes: int) -> None:
-    """Wrap the served app's middleware stack in :class:`UploadLimit` (idempotent; ``POST /reload`` updates it).
+def wrap_served_stack(fastapi_app, wrapper_type: type, **attributes: Any) -> None:
+    """Make ``wrapper_type(stack, **attributes)`` the outermost layer of the served app (idempotent).
 
     The FastAPI app has started when the MONAI Label app is built (lifespan start-up), so
     ``add_middleware`` is closed; Starlette calls ``app.middleware_stack`` for every request.
+    A wrapper of that type already outermost (``POST /reload`` builds the app again) only gets
+    the new ``attributes``.
     """
     stack = fastapi_app.middleware_stack
     if stack is None:
         stack = fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
-    if isinstance(stack, UploadLimit):
-        stack.max_bytes = max_bytes
+    if isinstance(stack, wrapper_type):
+        for name, value in attributes.items():
+            setattr(stack, name, value)
     else:
-        fastapi_app.middleware_stack = UploadLimit(stack, max_bytes)
+        fastapi_app.middleware_stack = wrapper_type(stack, **attributes)
+
+
+def install_upload_limit(fastapi_app, max_bytes: int) -> None:
+    """Wrap the served app's middleware stack in :class:`UploadLimit` (idempotent; ``POST /reload`` updates it)."""
+    wrap_served_stack(fastapi_app, UploadLimit, max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------------- session archives

@@ -34,6 +34,7 @@ from medsegx.modeling import MedSegXModel
 from medsegx.predictor import Predictor
 
 from lib.background import in_background_process
+from lib.durable import remove_leftovers
 from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -82,18 +83,13 @@ class ModelStore:
         self._stamp: tuple | None = None
         self._failed_stamp: tuple | None = _NOTHING
         if not in_background_process():  # the server starts before any train task that could be writing them
-            self.remove_leftovers()
+            self.remove_partial_checkpoints()
 
-    def remove_leftovers(self) -> list[Path]:
+    def remove_partial_checkpoints(self) -> list[Path]:
         """Remove the temporary files of a publish that a kill interrupted (they are never loaded)."""
         paths = [*self.settings.checkpoint_paths, *map(previous_checkpoint_path, self.settings.checkpoint_paths)]
-        leftovers = [tmp for path in paths for tmp in temporaries_beside(path)]
-        for tmp in leftovers:
-            tmp.unlink(missing_ok=True)
-        if leftovers:
-            logger.warning("removed %d partial checkpoint file(s) of an interrupted publish: %s", len(leftovers),
-                           ", ".join(tmp.name for tmp in leftovers))
-        return leftovers
+        return remove_leftovers([tmp for path in paths for tmp in temporaries_beside(path)],
+                                "partial checkpoint file(s) of an interrupted publish")
 
     def newest_checkpoint(self) -> Path | None:
         """The last existing file of ``settings.checkpoint_paths``."""
