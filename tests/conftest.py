@@ -62,6 +62,10 @@ def copy_app(destination: Path) -> Path:
 def server_command(app_dir: Path, studies: Path | str, port: int, *extra: str) -> list[str]:
     # The `monailabel` launcher of this interpreter's environment (it runs `python -m monailabel.main`).
     launcher = Path(sysconfig.get_paths()["scripts"]) / "monailabel"
+    if "prefetch_slices" not in extra:
+        # idle-time prefetch off unless a test asks for it (tests/app/test_prefetch.py): the tests
+        # say which boxes must miss the embedding cache, and a prefetched neighbour would not
+        extra = (*extra, "--conf", "prefetch_slices", "0")
     return [str(launcher), "start_server", "--app", str(app_dir), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(port), *extra]
 

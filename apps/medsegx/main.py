@@ -2,7 +2,7 @@
 
     monailabel start_server --app apps/medsegx --studies <folder or DICOMweb URL> \
         [--conf backbone lite|vit_b|vit_l|vit_h] [--conf sam_checkpoint PATH] \
-        [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] \
+        [--conf medsegx_checkpoint PATH] [--conf device cpu|cuda[:N]] [--conf cache_size N] [--conf prefetch_slices N] \
         [--conf tracking mlflow|none] [--conf tracking_uri sqlite:///...] [--conf infer_queue N] \
         [--conf max_voxels N] [--conf max_upload_mb N]
     MEDSEGX_API_TOKEN=<secret> in the environment: every request needs ``Authorization: Bearer <secret>``
@@ -50,7 +50,7 @@ class MedSegXApp(MONAILabelApp):
         self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT)
         self.models = {"medsegx": MedSegX()}
         for name, task_config in self.models.items():
-            task_config.init(name, self.model_dir, conf, None, settings=self.settings)
+            task_config.init(name, self.model_dir, conf, None, settings=self.settings, busy=self.infer_queue.busy)
 
         super().__init__(
             app_dir=app_dir,
@@ -117,5 +117,6 @@ class MedSegXApp(MONAILabelApp):
         # model for any top-level label found in a model's labels (MONAILabel.py initSample),
         # and with no segmentation model it posts to /infer/ and shows an error popup.
         info["labels"] = []
-        info["medsegx"] = {**self.settings.summary(), "inference": self.infer_queue.status()}
+        info["medsegx"] = {**self.settings.summary(), "inference": self.infer_queue.status(),
+                           "prefetch": self.models["medsegx"].prefetcher.status()}
         return info

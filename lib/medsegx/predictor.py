@@ -278,6 +278,44 @@ class Predictor:
                 self._cache.popitem(last=False)
         return entry, False, encode_ms
 
+    @torch.inference_mode()
+    def prefetch(self, volume: np.ndarray, slices: Sequence[int], context: TaskContext | Sequence[int],
+                 key: Hashable, stop=None) -> int:
+        """Encode ``slices`` of ``volume`` into the cache ahead of the boxes that will need them.
+
+        Slices already cached (under ``cache_key``) are skipped; at most ``cache_size`` slices
+        are encoded, so what was cached before stays (LRU, oldest first). The lock is taken per
+        slice, so a request waits for at most one encoder pass, and ``stop()`` (when given) is
+        asked before every slice: a true answer ends the prefetch at once. The cache statistics
+        do not count prefetched slices.
+
+        Args:
+            volume: prepared ``(Z, H, W)`` uint8, as for ``predict_3d``.
+            slices: slice indices in the order to encode them; out-of-range ones are skipped.
+            context, key: as ``predict_3d`` (``key`` names the volume).
+            stop: optional callable, true when a request is waiting.
+
+        Returns:
+            the number of slices encoded.
+        """
+        volume = _check_volume(volume)
+        context_tuple = context_indices(context)
+        encoded = 0
+        for z in slices:
+            if encoded >= self.cache_size or (stop is not None and stop()):
+                break
+            if not 0 <= z < volume.shape[0]:
+                continue
+            with self._lock:
+                if self.cache_key(volume[z], key, z, context_tuple) in self._cache:
+                    continue
+                image = _as_rgb_uint8(volume[z], what=f"volume slice {z}")
+                misses = self._misses
+                self._embedding(image, key, z, context_tuple)
+                self._misses = misses
+                encoded += 1
+        return encoded
+
     # -- 2D -----------------------------------------------------------------------------
     @torch.inference_mode()
     def predict(

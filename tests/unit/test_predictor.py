@@ -594,3 +594,17 @@ def test_cli_loads_dicom_series_png_and_npy(tmp_path):
     assert load_image(tmp_path / "three.npy", want_volume=True).is_volume
     with pytest.raises(ValueError, match="unknown image format '.txt'"):
         load_image(tmp_path / "series" / "README.txt", False)
+
+
+def test_prefetch_fills_the_cache_and_stops_when_asked():
+    """``Predictor.prefetch``: uncached slices only, never more than the cache, ``stop`` honoured at once."""
+    predictor = Predictor(build_model("tiny_lite"), cache_size=4)
+    volume = np.random.default_rng(0).integers(0, 255, (8, 32, 32), dtype=np.uint8)
+    context = LIVER
+    assert predictor.prefetch(volume, [1, 2], context, key="v") == 2
+    assert predictor.prefetch(volume, [2, 3, -1, 99], context, key="v") == 1  # 2 cached; out of range skipped
+    assert predictor.cache_stats.size == 3 and predictor.cache_stats.misses == 0
+    assert predictor.prefetch(volume, range(8), context, key="v", stop=lambda: True) == 0
+    assert predictor.prefetch(volume, range(8), context, key="w") == 4  # bounded by the cache
+    hit = predictor.predict(volume[3], (4, 4, 20, 20), context, key="w", slice_index=3)
+    assert hit.cache_hit

@@ -152,6 +152,10 @@ class InferQueue:
         return {"running": int(self._busy), "waiting": len(self._waiting), "max_waiting": self.max_waiting,
                 "time_cap_s": self.time_cap_s, **self._counts}
 
+    def busy(self) -> bool:
+        """A request runs or waits (read from any thread: background work yields to requests)."""
+        return self._busy or bool(self._waiting)
+
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free: the recent mean run time for each request ahead."""
         per_run = sum(self._run_seconds) / len(self._run_seconds) if self._run_seconds else DEFAULT_RUN_ESTIMATE_S

@@ -110,6 +110,16 @@ class ModelStore:
         with self._lock:
             yield self._refresh()
 
+    @contextmanager
+    def use_served(self) -> Iterator[LoadedModel | None]:
+        """The model served now, never reloaded here (background work between requests, ``lib/prefetch.py``).
+
+        Holds the same lock as ``use``: a reload (new weights, a cleared cache) never runs
+        while background work uses the model. ``None`` before the first load.
+        """
+        with self._lock:
+            yield self._loaded
+
     def _refresh(self) -> LoadedModel:
         checkpoint = self.newest_checkpoint()
         try:

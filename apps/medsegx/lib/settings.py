@@ -41,6 +41,9 @@ class AppSettings:
             ``model/pretrained.pth`` (``model/medsegx.pth`` still wins once published).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; default ``cuda`` when available.
         cache_size: image embeddings kept per process (one per slice and context).
+        prefetch_slices: after a request on a volume, slices next to it encoded in the
+            background while no request waits (``lib/prefetch.py``); 0 turns it off. At most
+            ``cache_size``; 4 MiB each (lite).
         tracking: ``mlflow`` or ``none``, experiment tracking of train tasks.
         tracking_uri: MLflow backend URI; default ``sqlite:///<model_dir>/mlflow.db``
             (MLflow 3 refuses the ``file://`` store, ``docs/MONAILABEL_COMPAT.md`` #2).
@@ -63,6 +66,7 @@ class AppSettings:
     medsegx_checkpoint: Path | None = None
     device: str = "cpu"
     cache_size: int = 64
+    prefetch_slices: int = 16
     tracking: str = "mlflow"
     tracking_uri: str = ""
     infer_queue: int = 8
@@ -72,8 +76,8 @@ class AppSettings:
     max_upload_mb: int = 2048
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
-    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "tracking", "tracking_uri", "infer_queue",
-            "labels", "default_label", "max_voxels", "max_upload_mb")
+    KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "prefetch_slices", "tracking",
+            "tracking_uri", "infer_queue", "labels", "default_label", "max_voxels", "max_upload_mb")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
@@ -100,6 +104,7 @@ class AppSettings:
             logger.warning("--conf sam_checkpoint %s is ignored: backbone 'lite' uses the embedded LiteMedSAM", sam_checkpoint)
 
         cache_size = _non_negative_int(conf, "cache_size", cls.cache_size)
+        prefetch_slices = min(_non_negative_int(conf, "prefetch_slices", cls.prefetch_slices), cache_size)
         infer_queue = _non_negative_int(conf, "infer_queue", cls.infer_queue)
         max_voxels = _positive_int(conf, "max_voxels", cls.max_voxels)
         max_upload_mb = _positive_int(conf, "max_upload_mb", cls.max_upload_mb)
@@ -122,6 +127,7 @@ class AppSettings:
             medsegx_checkpoint=medsegx_checkpoint,
             device=_device(conf.get("device", "").strip()),
             cache_size=cache_size,
+            prefetch_slices=prefetch_slices,
             tracking=tracking,
             tracking_uri=tracking_uri,
             infer_queue=infer_queue,
@@ -146,6 +152,7 @@ class AppSettings:
             "medsegx_checkpoint": str(self.medsegx_checkpoint) if self.medsegx_checkpoint else None,
             "device": self.device,
             "cache_size": self.cache_size,
+            "prefetch_slices": self.prefetch_slices,
             "infer_queue": self.infer_queue,
             "default_label": self.default_label,
             "max_voxels": self.max_voxels,

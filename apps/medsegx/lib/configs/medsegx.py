@@ -18,6 +18,7 @@ from lib.frames import PreparedVolumes
 from lib.infers.medsegx import DEEPGROW, VISTA3D, MedSegXInfer
 from lib.labels import LabelMap
 from lib.model_store import ModelStore
+from lib.prefetch import NeighbourPrefetcher
 from lib.score_keys import SCORE_KEY
 from lib.scoring.medsegx_uncertainty import MedSegXUncertaintyScoring
 from lib.settings import AppConfigError, AppSettings
@@ -38,6 +39,7 @@ class MedSegX(TaskConfig):
         self.settings: AppSettings | None = None
         self.label_map: LabelMap | None = None
         self.store: ModelStore | None = None
+        self.prefetcher: NeighbourPrefetcher | None = None
 
     def init(self, name: str, model_dir: str, conf: dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
@@ -47,6 +49,8 @@ class MedSegX(TaskConfig):
         self.label_map = LabelMap(self.settings.model_dir, self.settings.labels)
         self.labels = self.label_map.labels
         self.store = ModelStore(self.settings)
+        # busy: the app's infer queue (main.py); idle-time prefetch yields to any request in it
+        self.prefetcher = NeighbourPrefetcher(self.store, self.settings.prefetch_slices, kwargs.get("busy") or (lambda: False))
         try:
             with self.store.use() as loaded:
                 logger.info("medsegx model ready: %s (%s on %s)", loaded.version, self.settings.backbone, self.settings.device)
@@ -57,10 +61,11 @@ class MedSegX(TaskConfig):
         """Two entries on one model and cache: what 3D Slicer and OHIF each list (``lib/infers/medsegx.py``)."""
         prepared = PreparedVolumes(capacity=2)
         return {
-            self.name: MedSegXInfer(self.store, self.label_map, self.settings, prepared, kind=DEEPGROW),
+            self.name: MedSegXInfer(self.store, self.label_map, self.settings, prepared, kind=DEEPGROW,
+                                    prefetcher=self.prefetcher),
             f"{self.name}_labels": MedSegXInfer(
                 self.store, self.label_map, self.settings, prepared, kind=VISTA3D,
-                description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask"),
+                description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask", prefetcher=self.prefetcher),
         }
 
     def trainer(self) -> TrainTask | None:

@@ -59,6 +59,7 @@ from lib.infers.prompt import Prompt, RequestError, check_required, parse_label,
 from lib.labels import LabelMap
 from lib.modality import choose_modality
 from lib.model_store import ModelStore
+from lib.prefetch import NeighbourPrefetcher
 from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
@@ -84,10 +85,12 @@ class MedSegXInfer(BasicInferTask):
         settings: parsed ``--conf``.
         prepared: the prepared-volume cache, shared by every entry of the same model.
         kind: ``deepgrow`` (result value 1) or ``vista3d`` (result value = label value).
+        prefetcher: encodes the slices next to each volume request while the server is idle.
     """
 
     def __init__(self, store: ModelStore, label_map: LabelMap, settings: AppSettings,
-                 prepared: PreparedVolumes | None = None, kind: str = DEEPGROW, description: str = ""):
+                 prepared: PreparedVolumes | None = None, kind: str = DEEPGROW, description: str = "",
+                 prefetcher: NeighbourPrefetcher | None = None):
         if kind not in INFER_KINDS:
             raise ValueError(f"kind must be one of {', '.join(INFER_KINDS)}, got {kind!r}")
         super().__init__(
@@ -104,6 +107,7 @@ class MedSegXInfer(BasicInferTask):
         self.label_map = label_map
         self.settings = settings
         self.prepared = prepared if prepared is not None else PreparedVolumes(capacity=2)
+        self.prefetcher = prefetcher
 
     def is_valid(self) -> bool:
         return True  # the embedded LiteMedSAM needs no file; configured files are checked at start
@@ -167,12 +171,15 @@ class MedSegXInfer(BasicInferTask):
                 if picture:
                     _, label_xyz, model_json = self._predict_picture(loaded.predictor, array, prompt, context, image_path)
                 else:
-                    _, mask_zhw, model_json = self._predict_volume(
+                    mask_zhw, model_json, neighbourhood = self._predict_volume(
                         loaded.predictor, array, prompt, context, modality.modality, image_path
                     )
                     label_xyz = mask_zhw_to_xyz(mask_zhw)
             except ValueError as err:  # the predictor validates prompts (e.g. a click outside the image)
                 raise RequestError(str(err)) from None
+        if not picture and self.prefetcher is not None:  # idle time: encode the neighbouring slices
+            prepared, z_first, z_last, key = neighbourhood
+            self.prefetcher.schedule(prepared, z_first, z_last, context, key, loaded)
         label_value, label_added = self.label_map.value_of(label_name) if label_name else (None, False)
         # a failed request adds no name; deepgrow clients import value 1 into the chosen segment
         voxel_value = label_value if self.kind == VISTA3D and label_value is not None else 1
@@ -214,6 +221,7 @@ class MedSegXInfer(BasicInferTask):
         return prediction, np.swapaxes(prediction.mask, 0, 1), _prediction_json(prediction)
 
     def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, image_path):
+        """(mask (Z, H, W), model JSON, (prepared volume, first and last slice segmented, cache key))."""
         signature = intensity_signature(modality, context)
         key = _image_key(image_path, signature)
         prepared, prepared_hit = self.prepared.get(key, array, modality, context)
@@ -224,6 +232,7 @@ class MedSegXInfer(BasicInferTask):
             mask = np.zeros((depth, height, width), dtype=bool)
             mask[z] = prediction.mask
             model_json = _prediction_json(prediction)
+            segmented = (z, z)
         else:
             if not prompt.has_clicks:
                 prediction = predictor.predict_3d(prepared, (*prompt.box_xyxy, *prompt.z_range), context, key=key)
@@ -233,8 +242,9 @@ class MedSegXInfer(BasicInferTask):
                                                          key=key, box=prompt.box_xyxy, z_range=prompt.z_range, **growth)
             mask = prediction.mask
             model_json = _prediction_3d_json(prediction)
+            segmented = (prediction.slices[0], prediction.slices[-1])
         model_json["model_latencies"]["prepared_volume_cached"] = prepared_hit
-        return prediction, mask, model_json
+        return mask, model_json, (prepared, *segmented, key)
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         """NIfTI results are written with nibabel; other formats by MONAI Label's ``Writer``.
