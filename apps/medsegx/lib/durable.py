@@ -13,7 +13,9 @@ temporary file in the same folder (``.<name>.<random>.partial``), is flushed to 
 system), and the folder is flushed too. A reader sees the previous file or the complete new one.
 The temporary names match none of the datastore's patterns (``*.nii.gz``, ``*.nii``, ...), so a
 leftover from a killed server is never listed; :meth:`DurableDatastore.adopt` removes such
-leftovers when the server starts. Concurrent saves for one image run one after another under
+leftovers when the server starts, and makes upstream's file watcher (auto reload) take a rename
+onto the index or a label for the change it is: the server reloads an index that MONAI Label's
+train or scoring subprocess replaced. Concurrent saves for one image run one after another under
 upstream's ``FileLock``, so the last complete save wins.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 from monailabel.interfaces.exception import ImageNotFoundException
+from watchdog.events import FileModifiedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +101,19 @@ class DurableDatastore(LocalDatastore):
     def adopt(cls, store: LocalDatastore):
         """Re-class upstream's datastore object (built with the server's settings) and drop leftovers."""
         store.__class__ = cls
+        handler = getattr(store, "_handler", None)  # the file watcher of MONAI_LABEL_DATASTORE_AUTO_RELOAD
+        if handler is not None:
+            handler.on_moved = store._on_moved_event
         store.remove_partial_files()
         return store
+
+    def _on_moved_event(self, event) -> None:
+        # Upstream's watcher reacts to "created" / "modified"; a rename into place (write_atomically, also in
+        # the train and scoring processes, which write scores into the index) is a "moved" event to it.
+        if event.dest_path == self._datastore_config_path:
+            self._on_modify_event(FileModifiedEvent(event.dest_path))
+        else:
+            self._on_any_event(event)
 
     def remove_partial_files(self) -> list[Path]:
         """Remove temporary files a killed writer left in the images and label folders."""
