@@ -3,7 +3,8 @@
 Starts its own MONAI Label server (a copy of ``apps/medsegx`` and of the sample datastore in a
 temporary folder, so nothing is published into the checkout), labels the CT phantom's liver on
 8 evenly spread slices only (``PUT /datastore/label`` of a new image ``round8``, as a client
-saves a label) and runs ``POST /train/medsegx`` with the task's defaults (the background
+saves a label; MONAI Label's automatic uncertainty scoring is off, so that nothing else runs)
+and runs ``POST /train/medsegx`` with the task's defaults (the background
 process MONAI Label starts: one torch thread, ``nice`` +10; ``medsegx.budget`` decides the
 steps; ``publish: always`` so the round ends in a publish and a model reload).
 
@@ -67,7 +68,9 @@ def start_server(root: Path, studies: Path) -> tuple[str, subprocess.Popen, Path
     app = shutil.copytree(ROOT / "apps" / "medsegx", root / "app",
                           ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
     port, log = free_port(), root / "server.log"
-    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           # no uncertainty scoring at start-up or after the round: it would load the "idle" phases
+           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     env["PATH"] = sysconfig.get_paths()["scripts"] + os.pathsep + env.get("PATH", "")
     command = [str(Path(sysconfig.get_paths()["scripts"]) / "monailabel"), "start_server", "--app", str(app),
                "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "prefetch_slices", "0"]
