@@ -119,7 +119,9 @@ class MedSegXInfer(BasicInferTask):
         return info
 
     def pre_transforms(self, data=None) -> Sequence[Callable]:
-        return [LoadImaged(keys="image", image_only=False)]
+        # the file's own dtype (int16 for CT): MONAI's default float32 copy doubled the largest
+        # buffer of a request (a 512 x 512 x 300 CT: 300 MB instead of 150 MB); preparation makes floats per slab
+        return [LoadImaged(keys="image", image_only=False, dtype=None)]
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return []
