@@ -11,6 +11,9 @@ steps; ``publish: always`` so the round ends in a publish and a model reload).
 Latency: one client sends 2D box requests on the liver, a new slice each time (an embedding
 cache miss: the encoder runs, what an annotator waits for), back to back:
 
+(the server runs with ``cache_size 0``, so every request runs the encoder; a cache hit stops
+the benchmark):
+
 1. idle, ``--requests`` of them;
 2. during the round, until it ends;
 3. idle again, once the reloaded model serves on its compiled runtime again.
@@ -73,7 +76,9 @@ def start_server(root: Path, studies: Path) -> tuple[str, subprocess.Popen, Path
            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
     env["PATH"] = sysconfig.get_paths()["scripts"] + os.pathsep + env.get("PATH", "")
     command = [str(Path(sysconfig.get_paths()["scripts"]) / "monailabel"), "start_server", "--app", str(app),
-               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "prefetch_slices", "0"]
+               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "prefetch_slices", "0",
+               # no embedding cache: every request runs the encoder, what an annotator on a new slice waits for
+               "--conf", "cache_size", "0"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
                                    start_new_session=True)
@@ -111,6 +116,7 @@ class BoxClient:
         self.url, self.session, self.turn = url, requests.Session(), 0
 
     def request(self) -> tuple[float, str]:
+        """One box request: (seconds, runtime); a cache hit is an error (the server runs without a cache)."""
         z = LIVER_Z[0] + (self.turn * 7) % (LIVER_Z[1] - LIVER_Z[0] + 1)  # stride 7: never a cached neighbour
         self.turn += 1
         start = time.perf_counter()
@@ -118,7 +124,10 @@ class BoxClient:
                                    data={"params": json.dumps({"label": "liver", "roi": [*LIVER_BOX, z, z]})})
         elapsed = time.perf_counter() - start
         answer.raise_for_status()
-        return elapsed, str(answer.json().get("latencies", {}).get("model", {}).get("runtime", "?"))
+        latencies = answer.json().get("latencies", {})
+        if latencies.get("cache_hit"):
+            raise SystemExit("a request hit the embedding cache: the latencies would not be the encoder's")
+        return elapsed, str(latencies.get("model", {}).get("runtime", "?"))
 
 
 def train_status(url: str) -> dict:
