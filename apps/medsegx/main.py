@@ -30,6 +30,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib import auth, compat
+from lib.background import start_background_low
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
@@ -37,6 +38,7 @@ from lib.guards import StudiesOnlyDatastore, check_app_image
 from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
+start_background_low()  # a train / scoring process: low priority before it builds the app and model
 
 
 class MedSegXApp(MONAILabelApp):

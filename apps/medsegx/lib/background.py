@@ -21,18 +21,41 @@ def in_background_process() -> bool:
     return spec is not None and spec.name == _BACKGROUND_MAIN
 
 
+#: Niceness of MONAI Label's background processes from their first line (the train and scoring
+#: tasks' own default): the start-up uncertainty scoring builds the app and a model before its task
+#: runs, seconds of CPU that must not slow the server's first interactive request.
+BACKGROUND_NICE = 10
+
+
+def _at_least_nice(nice: int) -> None:
+    """Raise this process's niceness to ``nice`` (never lowers it: that needs privileges)."""
+    if nice <= 0 or not hasattr(os, "getpriority"):
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as err:
+        logger.debug("cannot lower the priority: %s", err)
+
+
+def start_background_low() -> None:
+    """In MONAI Label's background process: nice +``BACKGROUND_NICE`` and one torch thread before
+    the app is built (``main.py`` calls it at import); in the server process nothing."""
+    if in_background_process():
+        _at_least_nice(BACKGROUND_NICE)
+        torch.set_num_threads(1)
+
+
 def limit_background_cpu(num_threads: int, nice: int) -> None:
     """Bound a background task's CPU use: torch threads, and a lower scheduling priority.
 
     Only in MONAI Label's background process: in the server process it would slow inference.
+    The niceness is absolute (``nice`` 10 after ``start_background_low``'s 10 stays 10).
     """
     if not in_background_process():
         return
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    if nice > 0 and hasattr(os, "nice"):
-        try:
-            os.nice(nice)
-        except OSError as err:
-            logger.debug("cannot lower the priority: %s", err)
-    logger.info("background task: %d torch thread(s), nice +%d", torch.get_num_threads(), nice)
+    _at_least_nice(nice)
+    logger.info("background task: %d torch thread(s), nice %d", torch.get_num_threads(),
+                os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0)
