@@ -31,16 +31,11 @@ Run alone on a quiet machine (it prints the load average)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -48,28 +43,18 @@ import numpy as np
 import psutil
 import requests
 
+import soak
 from predictor import BOX, SECOND_BOX, _reference_box, _reference_model, phantom_hu
 
-REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "apps" / "medsegx"
-SLICER_CLIENT = Path(sys.prefix) / "monailabel" / "plugins" / "slicer" / "MONAILabel" / "MONAILabelLib" / "client.py"
 MODEL = "medsegx"
 IMAGE = "phantom512"
-START_TIMEOUT_S = 900
 IDLE_TIMEOUT_S = 600
 
 
 def slicer_client(url: str, tmpdir: str):
-    spec = importlib.util.spec_from_file_location("slicer_monailabel_client", SLICER_CLIENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MONAILabelClient(url, tmpdir=tmpdir)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """The Slicer plugin's own ``MONAILabelClient`` (``bench/soak.py`` loads it from the wheel)."""
+    client_class, _ = soak.slicer_client_class()
+    return client_class(url, tmpdir=tmpdir)
 
 
 def roi(box, z_first: int, z_last: int) -> list[int]:
@@ -78,55 +63,26 @@ def roi(box, z_first: int, z_last: int) -> list[int]:
     return [x0, x1, y0, y1, z_first, z_last]
 
 
-class Server:
-    """``monailabel start_server`` on a copy of the app and one phantom study, until ``close``."""
+class Server(soak.Server):
+    """``bench/soak.py``'s server on one phantom study, with what this benchmark reads of it."""
 
-    def __init__(self, root: Path, depth: int, threads: int):
-        app = root / "app"
-        shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
+    def __init__(self, root: Path, depth: int):
         studies = root / "studies"
         studies.mkdir()
         hu = phantom_hu(depth).astype(np.int16)  # (Z, H, W)
         nib.save(nib.Nifti1Image(np.transpose(hu, (2, 1, 0)), np.diag([0.8, 0.8, 2.5, 1.0])),
                  studies / f"{IMAGE}.nii.gz")
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = root / "server.log"
-        scripts = str(Path(sys.executable).parent)  # `monailabel` runs `python -m monailabel.main` from PATH
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MONAILABEL_PYEXE=sys.executable,
-                   PATH=scripts + os.pathsep + os.environ.get("PATH", ""))
-        command = [str(Path(sys.executable).parent / "monailabel"), "start_server", "--app", str(app),
-                   "--studies", str(studies), "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-                   "--conf", "tracking", "none"]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                            start_new_session=True)
         self.started = time.perf_counter()
+        super().__init__(root, ["--conf", "tracking", "none"], studies=studies)
 
     def wait_answering(self) -> float:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/info/", timeout=5).ok:
-                    return time.perf_counter() - self.started
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the server did not answer /info/ in time")
-
-    def server_process(self) -> psutil.Process:
-        """The Python process serving (the ``monailabel`` launcher runs ``python -m monailabel.main``)."""
-        launcher = psutil.Process(self.process.pid)
-        for process in [launcher, *launcher.children(recursive=True)]:
-            if "monailabel.main" in " ".join(process.cmdline()):
-                return process
-        return launcher
+        self.wait()
+        return time.perf_counter() - self.started
 
     def background_work(self) -> list[str]:
         """What the server does besides requests: child processes (scoring, export), prefetch, export."""
         busy = []
-        for child in self.server_process().children(recursive=True):
+        for child in psutil.Process(self.process.pid).children(recursive=True):
             try:
                 if child.status() != psutil.STATUS_ZOMBIE:
                     busy.append(" ".join(child.cmdline()[-4:]))
@@ -148,19 +104,10 @@ class Server:
             time.sleep(0.5)
 
     def peak_rss_mib(self) -> tuple[float, float]:
-        status = Path(f"/proc/{self.server_process().pid}/status").read_text()
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
         values = {line.split(":")[0]: float(line.split()[1]) / 1024 for line in status.splitlines()
                   if line.startswith(("VmHWM", "VmRSS"))}
         return values["VmHWM"], values["VmRSS"]
-
-    def close(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, 15)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, 9)
 
 
 class Bench:
@@ -213,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="medsegx-server-bench-"))
-    server = Server(root, args.depth, args.threads)
+    server = Server(root, args.depth)
     try:
         answering_s = server.wait_answering()
         client = slicer_client(server.url, str(root / "client"))
@@ -249,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         peak, rss = server.peak_rss_mib()
         cache = client.info()["medsegx"]
     finally:
-        server.close()
+        server.stop()
     load_after = os.getloadavg()
 
     reference = statistics.median(bench.references)

@@ -159,17 +159,22 @@ class Annotator:
 
 
 class Server:
-    """``monailabel start_server`` on a copy of the app and studies in ``root``."""
+    """``monailabel start_server`` on a copy of the app and studies in ``root``.
 
-    def __init__(self, root: Path, extra: list[str]):
+    ``studies``: a folder already in place (``bench/server_infer.py``'s phantom); default a copy
+    of the sample studies in ``root / "studies"``.
+    """
+
+    def __init__(self, root: Path, extra: list[str], studies: Path | None = None):
         self.root = root
         self.app = root / "app"
-        self.studies = root / "studies"
+        self.studies = studies or root / "studies"
         shutil.copytree(APP_DIR, self.app, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        if not SAMPLE_STUDIES.is_dir():
-            subprocess.run([sys.executable, str(REPO / "sample-data" / "build_sample_data.py"), "--out",
-                            str(SAMPLE_STUDIES)], check=True, stdout=subprocess.DEVNULL)
-        shutil.copytree(SAMPLE_STUDIES, self.studies)
+        if studies is None:
+            if not SAMPLE_STUDIES.is_dir():
+                subprocess.run([sys.executable, str(REPO / "sample-data" / "build_sample_data.py"), "--out",
+                                str(SAMPLE_STUDIES)], check=True, stdout=subprocess.DEVNULL)
+            shutil.copytree(SAMPLE_STUDIES, self.studies)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]

@@ -103,3 +103,16 @@ def test_a_request_during_the_prefetch_is_served_and_the_prefetch_yields(prefetc
     assert status["encoded"] < before + 2 * PREFETCH, status
     _, near_far = client.infer(MODEL, "ct_phantom", {"label": "liver", "roi": liver_roi(liver, far - 1, far - 1)})
     assert near_far["latencies"]["cache_hit"] is True
+
+
+def test_a_second_request_does_not_read_the_image_again(prefetching_server, liver):
+    client = prefetching_server.client()
+    z = int(np.flatnonzero(liver.any(axis=(0, 1)))[1])
+    file_a, first = client.infer(MODEL, "ct_phantom",
+                                 {"label": "liver", "roi": liver_roi(liver, z, z)})
+    file_b, second = client.infer(MODEL, "ct_phantom", {"label": "liver", "roi": liver_roi(liver, z, z)})
+    # the same file as the request before: MONAI's LoadImaged did not run (lib.frames.LoadedImages)
+    assert "LoadImaged" not in second["latencies"].get("transform", {}).get("pre", {}), second["latencies"]
+    masks = [np.asarray(nib.load(f).dataobj) for f in (file_a, file_b)]
+    assert np.array_equal(*masks) and masks[0].any()
+    assert np.allclose(nib.load(file_a).affine, nib.load(file_b).affine)

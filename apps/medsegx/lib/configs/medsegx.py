@@ -14,7 +14,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.activelearning.uncertainty import Uncertainty
-from lib.frames import PreparedVolumes
+from lib.frames import LoadedImages, PreparedVolumes
 from lib.infers.medsegx import DEEPGROW, VISTA3D, MedSegXInfer
 from lib.labels import LabelMap
 from lib.model_store import ModelStore
@@ -59,13 +59,14 @@ class MedSegX(TaskConfig):
 
     def infer(self) -> dict[str, InferTask]:
         """Two entries on one model and cache: what 3D Slicer and OHIF each list (``lib/infers/medsegx.py``)."""
-        prepared = PreparedVolumes(capacity=2)
+        prepared, loaded = PreparedVolumes(capacity=2), LoadedImages(capacity=1)
         return {
             self.name: MedSegXInfer(self.store, self.label_map, self.settings, prepared, kind=DEEPGROW,
-                                    prefetcher=self.prefetcher),
+                                    prefetcher=self.prefetcher, loaded_images=loaded),
             f"{self.name}_labels": MedSegXInfer(
                 self.store, self.label_map, self.settings, prepared, kind=VISTA3D,
-                description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask", prefetcher=self.prefetcher),
+                description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask", prefetcher=self.prefetcher,
+                loaded_images=loaded),
         }
 
     def trainer(self) -> TrainTask | None:

@@ -49,7 +49,9 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from lib import guards
 from lib.frames import (
+    LoadedImages,
     PreparedVolumes,
+    file_stamp,
     intensity_signature,
     is_picture,
     mask_zhw_to_xyz,
@@ -86,11 +88,12 @@ class MedSegXInfer(BasicInferTask):
         prepared: the prepared-volume cache, shared by every entry of the same model.
         kind: ``deepgrow`` (result value 1) or ``vista3d`` (result value = label value).
         prefetcher: encodes the slices next to each volume request while the server is idle.
+        loaded_images: the last loaded images, shared by every entry of the same model.
     """
 
     def __init__(self, store: ModelStore, label_map: LabelMap, settings: AppSettings,
                  prepared: PreparedVolumes | None = None, kind: str = DEEPGROW, description: str = "",
-                 prefetcher: NeighbourPrefetcher | None = None):
+                 prefetcher: NeighbourPrefetcher | None = None, loaded_images: LoadedImages | None = None):
         if kind not in INFER_KINDS:
             raise ValueError(f"kind must be one of {', '.join(INFER_KINDS)}, got {kind!r}")
         super().__init__(
@@ -108,6 +111,7 @@ class MedSegXInfer(BasicInferTask):
         self.settings = settings
         self.prepared = prepared if prepared is not None else PreparedVolumes(capacity=2)
         self.prefetcher = prefetcher
+        self.loaded_images = loaded_images if loaded_images is not None else LoadedImages()
 
     def is_valid(self) -> bool:
         return True  # the embedded LiteMedSAM needs no file; configured files are checked at start
@@ -139,12 +143,19 @@ class MedSegXInfer(BasicInferTask):
         return result_file, result_json
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
-        guards.check_image_file(data.get("image_path"), self.settings.max_voxels)  # header only, before loading
+        image_path = data.get("image_path")
+        guards.check_image_file(image_path, self.settings.max_voxels)  # header only, before loading
+        stamp = file_stamp(image_path) if isinstance(image_path, str) else None
+        cached = self.loaded_images.get(stamp)
+        if cached is not None:  # the same file as a recent request: its pixels passed the checks then
+            data.update(cached)
+            return data
         try:
             data = super().run_pre_transforms(data, transforms)
         except Exception as err:  # unreadable / unsupported file: the client's input, not a server fault
             raise RequestError(f"cannot read image {data.get('image_path')}: {type(err).__name__}: {err}") from err
         guards.check_loaded(data["image"])
+        self.loaded_images.put(stamp, {key: data[key] for key in ("image", "image_meta_dict") if key in data})
         return data
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
