@@ -206,6 +206,7 @@ def test_the_budget_sets_the_epochs_and_a_plateau_stops_the_round(server, client
 
 def test_stopped_training_leaves_the_served_model(server, client, datastore_images, published):
     served = published.read_bytes()
+    _, before = client.infer(MODEL, TRAIN_IMAGE, liver_request(datastore_images["truth"]))
     run_training(server, client, {**TINY_RUN, "images": [TRAIN_IMAGE], "max_epochs": 5, "publish": "always",
                                   "tracking": "None"})
     deadline = time.monotonic() + TASK_DEADLINE_S
@@ -218,4 +219,5 @@ def test_stopped_training_leaves_the_served_model(server, client, datastore_imag
     assert published.read_bytes() == served
     assert not list(published.parent.glob(".*.tmp"))
     _, result = client.infer(MODEL, TRAIN_IMAGE, liver_request(datastore_images["truth"]))
-    assert result["model_version"] == client.info()["train_stats"][MODEL]["medsegx"]["model_version"]
+    # the version served before the stopped run (the last train stats may be of a round that published nothing)
+    assert result["model_version"] == before["model_version"]
