@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,28 @@ def intensity_signature(modality: str, context: TaskContext) -> str:
     return f"{modality}:{ct_window_name(context)}" if modality in CT_MODALITIES else f"{modality}:percentile"
 
 
+class _LRU:
+    """A thread-safe least-recently-used map of at most ``capacity`` items (0: keeps nothing)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
 class PreparedVolumes:
     """A small LRU of volumes prepared to uint8 ``(Z, H, W)`` for the predictor.
 
@@ -87,21 +110,15 @@ class PreparedVolumes:
     """
 
     def __init__(self, capacity: int = 2):
-        self.capacity = capacity
-        self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items = _LRU(capacity)
 
     def get(self, key: Hashable, volume_xyz: np.ndarray, modality: str, context: TaskContext) -> tuple[np.ndarray, bool]:
         """Prepared ``(Z, H, W)`` uint8 for ``key`` (built from ``volume_xyz`` on a miss); (array, hit)."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key], True
+        prepared = self._items.get(key)
+        if prepared is not None:
+            return prepared, True
         prepared = prepare_volume(volume_to_zhw(volume_xyz), modality, context, channels=1)
-        with self._lock:
-            self._items[key] = prepared
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        self._items.put(key, prepared)
         return prepared, False
 
 
@@ -132,23 +149,12 @@ class LoadedImages:
     """
 
     def __init__(self, capacity: int = 1):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple, dict] = OrderedDict()
-        self._lock = threading.Lock()
+        self._items = _LRU(capacity)
 
     def get(self, stamp: tuple | None) -> dict | None:
-        if stamp is None:
-            return None
-        with self._lock:
-            if stamp in self._items:
-                self._items.move_to_end(stamp)
-                return dict(self._items[stamp])
-        return None
+        loaded = self._items.get(stamp) if stamp is not None else None
+        return dict(loaded) if loaded is not None else None
 
     def put(self, stamp: tuple | None, loaded: dict) -> None:
-        if stamp is None or self.capacity <= 0:
-            return
-        with self._lock:
-            self._items[stamp] = dict(loaded)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+        if stamp is not None:
+            self._items.put(stamp, dict(loaded))

@@ -67,13 +67,13 @@ class NeighbourPrefetcher:
     Args:
         store: the process's model store (its predictor and cache).
         count: slices per request (``--conf prefetch_slices``); 0 disables the prefetcher.
-        busy: true while an infer request runs or waits (``InferQueue.busy``).
+        busy: true while an infer request runs or waits (``InferQueue.busy``); none: never busy.
     """
 
-    def __init__(self, store: ModelStore, count: int, busy: Callable[[], bool] = lambda: False):
+    def __init__(self, store: ModelStore, count: int, busy: Callable[[], bool] | None = None):
         self.store = store
         self.count = count
-        self.busy = busy
+        self.busy = busy or (lambda: False)
         self._work: _Work | None = None
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None

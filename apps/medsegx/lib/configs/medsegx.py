@@ -50,7 +50,7 @@ class MedSegX(TaskConfig):
         self.labels = self.label_map.labels
         self.store = ModelStore(self.settings)
         # busy: the app's infer queue (main.py); idle-time prefetch yields to any request in it
-        self.prefetcher = NeighbourPrefetcher(self.store, self.settings.prefetch_slices, kwargs.get("busy") or (lambda: False))
+        self.prefetcher = NeighbourPrefetcher(self.store, self.settings.prefetch_slices, kwargs.get("busy"))
         try:
             with self.store.use() as loaded:
                 logger.info("medsegx model ready: %s (%s on %s)", loaded.version, self.settings.backbone, self.settings.device)

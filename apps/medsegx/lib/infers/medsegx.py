@@ -144,12 +144,12 @@ class MedSegXInfer(BasicInferTask):
 
     def run_pre_transforms(self, data: dict[str, Any], transforms):
         image_path = data.get("image_path")
-        guards.check_image_file(image_path, self.settings.max_voxels)  # header only, before loading
         stamp = file_stamp(image_path) if isinstance(image_path, str) else None
         cached = self.loaded_images.get(stamp)
-        if cached is not None:  # the same file as a recent request: its pixels passed the checks then
+        if cached is not None:  # the same file as a recent request: its header and pixels passed the checks then
             data.update(cached)
             return data
+        guards.check_image_file(image_path, self.settings.max_voxels)  # header only, before loading
         try:
             data = super().run_pre_transforms(data, transforms)
         except Exception as err:  # unreadable / unsupported file: the client's input, not a server fault
