@@ -137,6 +137,7 @@ def split_slices(volume: Volume, ks, eval_count: int) -> tuple[dict[int, list[in
 # -- ours: the train task's budget, sampler, validation and early stop around train_step --------
 def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: int) -> dict:
     """Fine-tune ``model`` in place on one structure's labelled slices; the best-validating weights stay."""
+    model.tune_decoder_for({tuple(item["context"].tolist()) for item in items})  # as the train task's network()
     train_index, val_index = split_for_validation(["structure"] * len(items), budget.holdout_min_slices)
     train_items, val_items = [items[i] for i in train_index], [items[i] for i in val_index]
     plan = budget.plan(len(train_items), min(len(train_items), SLICES_PER_STRUCTURE))

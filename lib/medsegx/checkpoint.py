@@ -187,8 +187,9 @@ def load_checkpoint(model: MedSegXModel, path: str | os.PathLike) -> dict:
     saved_backbone = metadata.get("backbone")
     if saved_backbone and saved_backbone != model.backbone:
         raise CheckpointError(f"{path} was trained on backbone {saved_backbone!r}, the model is {model.backbone!r}")
-    expected = model.trainable_state_dict()
     state = data["model"]
+    model.match_state(state)  # ours may hold a tuned decoder (``MedSegXModel.tune_decoder_for``)
+    expected = model.trainable_state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
     wrong_shape = [k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape)]

@@ -378,7 +378,7 @@ class Predictor:
             prompt_points = (coords, labels)
         boxes = torch.from_numpy(box_model)[None].to(self.device) if box is not None else None
         runtime = self.serving.current()
-        logits, iou = runtime.decode(entry.embeddings, boxes, prompt_points)
+        logits, iou = runtime.decode(entry.embeddings, boxes, prompt_points, context=entry.context)
         decode_ms = (time.perf_counter() - start) * 1000.0
 
         start = time.perf_counter()
@@ -511,7 +511,7 @@ class Predictor:
         info = entry.info
         box_tensor = torch.from_numpy(np.stack([box_to_model(b, info) for b in boxes]))
         embeddings = entry.embeddings.expand(len(boxes), -1, -1, -1)
-        logits, iou = self.serving.current().decode(embeddings, box_tensor.to(self.device))
+        logits, iou = self.serving.current().decode(embeddings, box_tensor.to(self.device), context=entry.context)
         decode_ms = (time.perf_counter() - start) * 1000.0
         start = time.perf_counter()
         best_index, best_score = 0, -1.0

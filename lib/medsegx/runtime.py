@@ -101,8 +101,12 @@ class EagerRuntime:
     def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.encode(images, context)
 
-    def decode(self, embeddings, boxes, points=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.decode(embeddings, boxes, points)
+    def decode(self, embeddings, boxes, points=None, context=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context``: 5 ints for all prompts; it matters (and is passed on) only with a tuned decoder."""
+        if context is None or not has_tuned_decoder(self.model):
+            return self.model.decode(embeddings, boxes, points)
+        return self.model.decode(embeddings, boxes, points,
+                                 torch.as_tensor(context, dtype=torch.long, device=embeddings.device))
 
 
 class EncoderGraph(nn.Module):
@@ -117,7 +121,8 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """Prompt encoder + mask decoder of ``MedSegXModel.decode`` on one point list (for export).
+    """Prompt encoder + mask decoder of ``MedSegXModel.decode`` on one point list (for export);
+    ``tuned``: its tuned decoder instead (``MedSegXModel.tune_decoder_for``).
 
     Args (forward):
         embeddings: ``(1, 256, g, g)`` one image's embedding, shared by all ``B`` prompts.
@@ -128,10 +133,10 @@ class DecoderGraph(nn.Module):
         logits ``(B, 3, 256, 256)`` and predicted IoU ``(B, 3)`` of the model's three outputs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, tuned: bool = False) -> None:
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
-        self.mask_decoder = model.mask_decoder
+        self.mask_decoder = model.tuned_decoder if tuned else model.mask_decoder
         self.output_mask_tokens = list(model.output_mask_tokens)
         self.register_buffer("image_pe", model.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
 
@@ -219,37 +224,45 @@ def _example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[t
 #: (several clicks, box + clicks, batched boxes) run the dynamic graph.
 STATIC_PROMPT_ROWS = 2
 #: Bumped when the exported graphs change for the same weights (part of the IR cache folder name).
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3
 #: Niceness of the conversion child process (requests in the server keep priority).
 EXPORT_NICE = int(os.environ.get("MEDSEGX_EXPORT_NICE", "5"))
 EXPORT_TIMEOUT_S = 3600
 
 
-def ir_paths(folder: Path) -> tuple[Path, Path]:
-    return folder / "encoder.xml", folder / "decoder.xml"
+def has_tuned_decoder(model: nn.Module) -> bool:
+    return getattr(model, "tuned_decoder", None) is not None
 
 
-def convert(model: nn.Module):
-    """Both graphs as OpenVINO models, converted straight from PyTorch (``openvino.convert_model``)."""
+def ir_paths(folder: Path, tuned: bool = False) -> tuple[Path, ...]:
+    """The IR files: encoder, decoder, and the tuned decoder when the model has one."""
+    return (folder / "encoder.xml", folder / "decoder.xml") + ((folder / "decoder_tuned.xml",) if tuned else ())
+
+
+def convert(model: nn.Module) -> tuple:
+    """The graphs as OpenVINO models, converted straight from PyTorch (``openvino.convert_model``):
+    encoder, decoder, and the tuned decoder when the model has one (``ir_paths``' order)."""
     import openvino as ov
 
     encoder_inputs, decoder_inputs = _example_inputs(model)
     size, (channels, grid) = model.image_size, decoder_inputs[0].shape[1:3]
+    decoder_shapes = [("embeddings", [1, channels, grid, grid]), ("point_coords", [-1, -1, 2]),
+                      ("point_labels", [-1, -1])]
     with torch.no_grad():
-        encoder = ov.convert_model(EncoderGraph(model), example_input=encoder_inputs,
-                                   input=[("images", [1, 3, size, size]), ("context", [1, 5], ov.Type.i64)])
-        decoder = ov.convert_model(DecoderGraph(model), example_input=decoder_inputs,
-                                   input=[("embeddings", [1, channels, grid, grid]),
-                                          ("point_coords", [-1, -1, 2]), ("point_labels", [-1, -1])])
-    return encoder, decoder
+        graphs = [ov.convert_model(EncoderGraph(model), example_input=encoder_inputs,
+                                   input=[("images", [1, 3, size, size]), ("context", [1, 5], ov.Type.i64)])]
+        for tuned in (False, True) if has_tuned_decoder(model) else (False,):
+            graphs.append(ov.convert_model(DecoderGraph(model, tuned), example_input=decoder_inputs,
+                                           input=decoder_shapes))
+    return tuple(graphs)
 
 
 def save_ir(graphs, folder: Path) -> None:
-    """Save both graphs as IR (``.xml`` + ``.bin``), each renamed into place once complete."""
+    """Save the graphs of ``convert`` as IR (``.xml`` + ``.bin``), each renamed into place once complete."""
     import openvino as ov
 
     folder.mkdir(parents=True, exist_ok=True)
-    for graph, path in zip(graphs, ir_paths(folder)):
+    for graph, path in zip(graphs, ir_paths(folder, tuned=len(graphs) > 2)):
         partial = path.with_name(f".{os.getpid()}.{path.name}")
         ov.save_model(graph, partial, compress_to_fp16=False)
         os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
@@ -326,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")  # tracer warnings about TinyViT's shape arithmetic
     torch.set_num_threads(args.threads)
     model = build_model(args.backbone, pretrained=False)
-    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    model.match_state(state)
+    model.load_state_dict(state)
     save_ir(convert(model.eval()), Path(args.out))
     return 0
 
@@ -373,33 +388,38 @@ class OpenVINORuntime:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             core.set_property({"CACHE_DIR": str(folder / "compiled")})
+        #: contexts decoded by the tuned decoder's graphs (``MedSegXModel.tuned_context_set``)
+        self.tuned_contexts = model.tuned_context_set() if has_tuned_decoder(model) else set()
         try:
-            encoder, decoder = self._converted(ov, model, folder)
+            encoder, *decoders = self._converted(ov, model, folder)
             del model
-            self._encoder = core.compile_model(encoder, "CPU", config)
-            self._decoder = core.compile_model(decoder, "CPU", config)
-            static = decoder.clone()
-            static.reshape({"point_coords": [1, STATIC_PROMPT_ROWS, 2], "point_labels": [1, STATIC_PROMPT_ROWS]})
-            self._static_decoder = core.compile_model(static, "CPU", config)
+            self._compiled = [core.compile_model(encoder, "CPU", config)]  # kept alive with their requests
+            self._encode_request = self._compiled[0].create_infer_request()
+            # per decoder: (dynamic-shape request, static-shape request)
+            self._decode_requests = [self._decoder_requests(core, decoder, config) for decoder in decoders]
         except Exception as err:  # conversion / compilation errors come in many types
             raise RuntimeUnavailable(f"OpenVINO export failed: {type(err).__name__}: {err}") from err
-        self._encode_request = self._encoder.create_infer_request()
-        self._decode_request = self._decoder.create_infer_request()
-        self._static_decode_request = self._static_decoder.create_infer_request()
         self.export_s = time.perf_counter() - start
         logger.info("OpenVINO runtime ready in %.1f s (%d threads, weights %s)", self.export_s, self.num_threads,
                     self.digest[:8])
 
-    def _converted(self, ov, model: nn.Module, folder: Path | None):
+    def _decoder_requests(self, core, decoder, config) -> tuple:
+        static = decoder.clone()
+        static.reshape({"point_coords": [1, STATIC_PROMPT_ROWS, 2], "point_labels": [1, STATIC_PROMPT_ROWS]})
+        compiled = core.compile_model(decoder, "CPU", config), core.compile_model(static, "CPU", config)
+        self._compiled.extend(compiled)
+        return tuple(graph.create_infer_request() for graph in compiled)
+
+    def _converted(self, ov, model: nn.Module, folder: Path | None) -> tuple:
         if folder is None:
             return convert(model)
-        paths = ir_paths(folder)
+        paths = ir_paths(folder, tuned=has_tuned_decoder(model))
         if not all(p.is_file() for p in paths):
             if self.export_process:
                 export_in_child(model, folder, self.num_threads)
             else:
                 save_ir(convert(model), folder)
-        return ov.Core().read_model(paths[0]), ov.Core().read_model(paths[1])
+        return tuple(ov.Core().read_model(path) for path in paths)
 
     def encode(self, images: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``MedSegXModel.encode``; returns tensors that own their memory.
@@ -420,21 +440,26 @@ class OpenVINORuntime:
         return torch.from_numpy(np.concatenate(embeddings)), torch.from_numpy(np.concatenate(gates))
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
-               points: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               context: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``MedSegXModel.decode``: ``B`` prompts on one embedding (``(1, ...)`` or expanded to
-        ``(B, ...)``) run as one batch; distinct embeddings run one graph call each."""
+        ``(B, ...)``) run as one batch; distinct embeddings run one graph call each. ``context``
+        (5 ints, one for all prompts) picks the tuned decoder's graphs when it was tuned on it."""
         coords, labels = prompt_rows(boxes, points)
+        tuned = context is not None and tuple(int(i) for i in context) in self.tuned_contexts
+        requests = self._decode_requests[1 if tuned else 0]
         if embeddings.shape[0] > 1 and embeddings.stride(0) != 0:
-            rows = [self._decode_one(embeddings[i:i + 1], coords[i:i + 1], labels[i:i + 1])
+            rows = [self._decode_one(requests, embeddings[i:i + 1], coords[i:i + 1], labels[i:i + 1])
                     for i in range(embeddings.shape[0])]
             return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
-        return self._decode_one(embeddings[:1], coords, labels)
+        return self._decode_one(requests, embeddings[:1], coords, labels)
 
-    def _decode_one(self, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
+    @staticmethod
+    def _decode_one(requests: tuple, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
         # a copy: OpenVINO may use an input buffer in place, and this one is a cached embedding
         image = np.array(embedding.detach().cpu().numpy(), dtype=np.float32, copy=True)
         _before_call()
-        request = self._static_decode_request if coords.shape[:2] == (1, STATIC_PROMPT_ROWS) else self._decode_request
+        request = requests[1] if coords.shape[:2] == (1, STATIC_PROMPT_ROWS) else requests[0]
         result = request.infer({0: image, 1: coords, 2: labels})
         return (torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)),
                 torch.from_numpy(np.array(result[1], dtype=np.float32, copy=True)))
@@ -522,6 +547,7 @@ class ServingRuntime:
         self.keep = keep
         self.eager = EagerRuntime(model)
         self._tensors = [*model.parameters(), *model.buffers()]
+        self._structure = getattr(model, "structure_version", 0)
         self.last_export_s: float | None = None
         self.last_error: str | None = None
         self._compiled: OpenVINORuntime | None = None
@@ -536,8 +562,11 @@ class ServingRuntime:
             log("serving with eager PyTorch: %s", reason)
             self.mode = "eager"
 
-    def _stamp(self) -> tuple[int, int]:
-        return weights_stamp(self.model, self._tensors)
+    def _stamp(self) -> tuple[int, int, int]:
+        structure = getattr(self.model, "structure_version", 0)  # a tuned decoder added or dropped
+        if structure != self._structure:
+            self._tensors, self._structure = [*self.model.parameters(), *self.model.buffers()], structure
+        return (*weights_stamp(self.model, self._tensors), structure)
 
     @property
     def name(self) -> str:

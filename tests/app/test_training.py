@@ -26,6 +26,7 @@ import requests
 
 from medsegx.build import build_model
 from medsegx.checkpoint import load_checkpoint
+from medsegx.taxonomy import resolve
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -128,8 +129,11 @@ def test_train_publishes_a_checkpoint_that_infer_uses(server, client, datastore_
     assert f"skipping {CORRUPT}: cannot read label" in log and f"skipping {EMPTY}: the label is empty" in log
 
     # the checkpoint: official layout with metadata, loadable, the previous one kept
-    metadata = load_checkpoint(build_model("lite"), published)
+    tuned = build_model("lite")
+    metadata = load_checkpoint(tuned, published)
     assert metadata["model_version"] == result["model_version"] != served_before
+    # what the decoder learnt serves the labelled structures only (issue 14's regression guard)
+    assert tuned.tuned_context_set() == {tuple(resolve(name, "CT").indices) for name in ("liver", "spleen")}
     assert metadata["parent_model_version"] == served_before
     assert metadata["training_set"]["structures"] == result["training_set"]["structures"]
     assert (published.parent / "medsegx.prev.pth").is_file() == had_checkpoint

@@ -159,3 +159,29 @@ def test_embedded_lite_weights_load_without_network():
     model = build_model("lite")
     assert "LiteMedSAM" in model.weight_sources["backbone"]
     assert model.output_mask_tokens == [0, 1, 2]
+
+
+def test_tuned_decoder_round_trip_and_official_layout(tmp_path):
+    """Ours may hold a tuned decoder and its contexts; loading one adds it, loading a file without one drops it."""
+    torch.manual_seed(0)
+    tuned = build_model("tiny_lite", pretrained=False)
+    liver = resolve("Liver", "CT").indices
+    tuned.tune_decoder_for([liver])
+    with torch.no_grad():
+        for param in tuned.tuned_decoder.parameters():
+            param.add_(0.02)
+    save_checkpoint(tuned, tmp_path / "tuned.pth")
+    saved = torch.load(tmp_path / "tuned.pth", weights_only=True)["model"]
+    assert saved["tuned_contexts"].tolist() == [list(liver)] and any(k.startswith("tuned_decoder.") for k in saved)
+
+    torch.manual_seed(0)
+    model = build_model("tiny_lite", pretrained=False)
+    load_checkpoint(model, tmp_path / "tuned.pth")
+    images, boxes = torch.rand(1, 3, 256, 256), torch.tensor([[10.0, 20.0, 150.0, 160.0]])
+    with torch.no_grad():
+        assert torch.equal(model(images, boxes, _context())[0], tuned(images, boxes, _context())[0])
+    plain = build_model("tiny_lite", pretrained=False)
+    save_checkpoint(plain, tmp_path / "plain.pth")  # no tuned decoder (as the official layout)
+    load_checkpoint(model, tmp_path / "plain.pth")
+    assert model.tuned_decoder is None and not model.tuned_context_set()
+    assert not any(k.startswith("tuned") for k in model.state_dict())

@@ -206,3 +206,31 @@ def test_pixel_normalize_is_the_models_normalize(backbone, minmax):
         stretched = expected * model.pixel_std + model.pixel_mean
         assert torch.allclose(stretched.amin(dim=(1, 2, 3)), torch.zeros(2), atol=1e-3)
         assert torch.allclose(stretched.amax(dim=(1, 2, 3)), torch.full((2,), 255.0), atol=1e-3)
+
+
+def test_tuned_decoder_serves_only_its_contexts():
+    """In-loop fine-tuning trains a copy of the decoder that decodes the tuned contexts only."""
+    torch.manual_seed(0)
+    model = build_model("tiny_lite", pretrained=False)
+    images = torch.rand(3, 3, 256, 256)
+    contexts = torch.tensor([[1, 2, 3, -1, 0], [1, 4, 5, -1, 0], [1, 2, 3, -1, 0]])
+    boxes = torch.tensor([[10.0, 10, 100, 100], [20, 20, 120, 150], [30, 40, 200, 220]])
+    with torch.no_grad():
+        base_logits, _, _ = model(images, boxes, contexts)
+    model.tune_decoder_for([contexts[0].tolist()])
+    assert model.tuned_context_set() == {(1, 2, 3, -1, 0)}
+    trained = {name for name, _ in model.named_trainable_parameters()}
+    assert any(name.startswith("tuned_decoder.") for name in trained)
+    assert not any(name.startswith("mask_decoder.") for name in trained)  # the shared decoder stays
+    with torch.no_grad():
+        for param in model.tuned_decoder.parameters():
+            param.add_(0.02 * torch.randn(param.shape))
+        logits, _, _ = model(images, boxes, contexts)  # a mixed batch: rows 0 and 2 tuned, row 1 not
+        alone, _ = model.decode(model.encode(images[1:2], contexts[1:2])[0], boxes[1:2])
+    assert torch.allclose(logits[1], base_logits[1], atol=1e-5) and torch.allclose(logits[1], alone[0], atol=1e-5)
+    assert (logits[0] - base_logits[0]).abs().max() > 1e-2 and (logits[2] - base_logits[2]).abs().max() > 1e-2
+    assert model.uses_tuned_decoder(contexts).tolist() == [True, False, True]
+    model.tune_decoder_for([contexts[1].tolist()])  # a later round adds a context, keeps the first
+    assert model.tuned_context_set() == {(1, 2, 3, -1, 0), (1, 4, 5, -1, 0)}
+    with pytest.raises(ValueError, match="5 ints"):
+        model.tune_decoder_for([(1, 2)])

@@ -194,3 +194,35 @@ def test_eager_when_the_model_is_not_served_as_exported():
     assert serving.current() is serving.eager
     with pytest.raises(ValueError, match="runtime must be one of"):
         ServingRuntime(model, "tensorrt")
+
+
+def test_runtime_follows_a_tuned_decoder(tmp_path):
+    """A published checkpoint with a tuned decoder (loaded in place, as the model store does) is
+    exported with a second decoder graph: its contexts decode with it, the others as before."""
+    from medsegx.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("tiny_lite", pretrained=False)
+    predictor = Predictor(model, cache_size=4, runtime="auto", runtime_cache_dir=tmp_path / "graphs")
+    assert predictor.serving.wait_ready(timeout=300), predictor.serving.last_error
+    image = np.random.default_rng(0).integers(0, 256, (128, 160, 3), dtype=np.uint8)
+    liver, spleen, box = resolve("liver", "CT"), resolve("spleen", "CT"), (20, 30, 120, 110)
+    before = {name: predictor.predict(image, box, c) for name, c in (("liver", liver), ("spleen", spleen))}
+
+    tuned = copy.deepcopy(model)
+    tuned.tune_decoder_for([liver.indices])
+    with torch.no_grad():
+        for param in tuned.tuned_decoder.parameters():
+            param.add_(0.02 * torch.randn(param.shape))
+    save_checkpoint(tuned, tmp_path / "medsegx.pth")
+    load_checkpoint(model, tmp_path / "medsegx.pth")
+    predictor.clear_cache()
+    assert model.tuned_context_set() == {tuple(liver.indices)}
+    assert predictor.serving.wait_ready(timeout=300), predictor.serving.last_error
+    eager = Predictor(model, cache_size=0, runtime="eager")
+    for name, context in (("liver", liver), ("spleen", spleen)):
+        ours, reference = predictor.predict(image, box, context), eager.predict(image, box, context)
+        assert ours.runtime == "openvino" and rel_l2(ours.logits, reference.logits) <= 1e-3, name
+    assert rel_l2(predictor.predict(image, box, liver).logits, before["liver"].logits) > 1e-2  # tuned
+    assert rel_l2(predictor.predict(image, box, spleen).logits, before["spleen"].logits) <= 1e-6  # untouched
+    assert (tmp_path / "graphs").is_dir() and any((tmp_path / "graphs").glob("*/decoder_tuned.xml"))

@@ -243,12 +243,17 @@ class MedSegXTrain(BasicTrainTask):
 
     # -- model ------------------------------------------------------------------------------
     def network(self, context: Context):
-        """A copy of the served model (the newest checkpoint, as the infer task loads it)."""
+        """A copy of the served model (the newest checkpoint, as the infer task loads it), with the
+        tuned decoder serving the labelled structures' contexts (``MedSegXModel.tune_decoder_for``):
+        what this round learns in the decoder reaches those structures only."""
         with self.store.use() as loaded:
             model = copy.deepcopy(loaded.predictor.model)
             context.parent_version = loaded.version
             checkpoint = loaded.checkpoint
-        logger.info("medsegx train: starting from %s (%s)", context.parent_version, checkpoint or "backbone weights")
+        contexts = {tuple(sample["context"]) for sample in [*context.train_datalist, *context.val_datalist]}
+        model.tune_decoder_for(contexts)
+        logger.info("medsegx train: starting from %s (%s); tuned decoder for %d context(s)", context.parent_version,
+                    checkpoint or "backbone weights", len(model.tuned_context_set()))
         return model
 
     def optimizer(self, context: Context):
