@@ -8,9 +8,13 @@ base model (the embedded LiteMedSAM with zero adapters) and from the base model 
 ``model/medsegx.pth``). A structure other than ``--trained`` regresses when its mean Dice falls
 by more than ``--tolerance`` (0.01, issue 14). No timing involved.
 
+A published round holds a tuned decoder that decodes only the structures it was trained on
+(``MedSegXModel.tune_decoder_for``); ``--unrouted`` serves that decoder to every structure
+instead, as rounds did before, to measure what the routing saves on the same training.
+
 Usage::
 
-    python bench/regression.py --checkpoint tuned.pth --trained totalseg_ct/pancreas [--slices 4]
+    python bench/regression.py --checkpoint tuned.pth --trained totalseg_ct/pancreas [--slices 4] [--unrouted]
 """
 
 from __future__ import annotations
@@ -38,10 +42,21 @@ from medsegx.taxonomy import resolve  # noqa: E402
 from medsegx.transforms import prepare_volume  # noqa: E402
 
 
-def compare(checkpoint: Path, sources: list[str], slices: int, min_pixels: int) -> list[dict]:
+def unrouted(model) -> None:
+    """The tuned decoder as the shared one, for every context: what rounds published before the
+    tuned decoder was routed (the same training, ``--unrouted``)."""
+    if model.tuned_decoder is not None:
+        model.mask_decoder.load_state_dict(model.tuned_decoder.state_dict())
+        model.match_state({})
+
+
+def compare(checkpoint: Path, sources: list[str], slices: int, min_pixels: int,
+            route: bool = True) -> list[dict]:
     base = Predictor(build_model("lite"), cache_size=0)
     tuned_model = build_model("lite")
     load_checkpoint(tuned_model, checkpoint)
+    if not route:
+        unrouted(tuned_model)
     tuned = Predictor(tuned_model, cache_size=0)
     rows = []
     for case in load_cases(sources):
@@ -69,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-pixels", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unrouted", action="store_true",
+                        help="serve the checkpoint's tuned decoder to every structure (the pre-routing behaviour)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = compare(args.checkpoint, args.sources, args.slices, args.min_pixels)
+    rows = compare(args.checkpoint, args.sources, args.slices, args.min_pixels, route=not args.unrouted)
     print("| structure | slices | base | tuned | change | |")
     print("|---|---|---|---|---|---|")
     regressed = []
