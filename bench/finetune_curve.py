@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "sample-data"))
 
 from real_data import load_cases  # noqa: E402
 
-from medsegx.budget import INLOOP_LR, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
+from medsegx.budget import INLOOP_LR, INLOOP_TRAIN_ADAPTERS, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
 from medsegx.build import build_model  # noqa: E402
 from medsegx.checkpoint import publish_checkpoint  # noqa: E402
 from medsegx.items import item_from_arrays, jitter_box  # noqa: E402
@@ -137,7 +137,7 @@ def split_slices(volume: Volume, ks, eval_count: int) -> tuple[dict[int, list[in
 # -- ours: the train task's budget, sampler, validation and early stop around train_step --------
 def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: int) -> dict:
     """Fine-tune ``model`` in place on one structure's labelled slices; the best-validating weights stay."""
-    model.tune_decoder_for({tuple(item["context"].tolist()) for item in items})  # as the train task's network()
+    model.tune_decoder_for({tuple(item["context"].tolist()) for item in items}, adapters=INLOOP_TRAIN_ADAPTERS)
     train_index, val_index = split_for_validation(["structure"] * len(items), budget.holdout_min_slices)
     train_items, val_items = [items[i] for i in train_index], [items[i] for i in val_index]
     plan = budget.plan(len(train_items), min(len(train_items), SLICES_PER_STRUCTURE))

@@ -71,14 +71,19 @@ def set_train_mode(model: nn.Module) -> nn.Module:
 
     The frozen encoder keeps eval behaviour (TinyViT's BatchNorm must not update its
     running statistics); the adapters get their expert dropout (the ConMoAE blocks' own
-    ``training`` flag only, not their wrapped frozen MLP) and the mask decoder trains.
+    ``training`` flag only, not their wrapped frozen MLP) when they are trained, and the
+    decoders that train (``mask_decoder``, the tuned decoder) are in train mode. With frozen
+    adapters (the in-loop recipe) the encoder is deterministic and builds no autograd graph.
     ``model`` may be wrapped in ``DistributedDataParallel``.
     """
     inner = unwrap(model)
     inner.eval()
+    adapters_trained = any(param.requires_grad for block in inner.conmoae_blocks for param in block.parameters())
     for block in inner.conmoae_blocks:
-        block.training = True
-    inner.mask_decoder.train()
+        block.training = adapters_trained
+    for decoder in (inner.mask_decoder, inner.tuned_decoder):
+        if decoder is not None and any(param.requires_grad for param in decoder.parameters()):
+            decoder.train()
     return model
 
 

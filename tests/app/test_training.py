@@ -26,6 +26,7 @@ import requests
 
 from medsegx.build import build_model
 from medsegx.checkpoint import load_checkpoint
+from medsegx.runtime import adapters_inert
 from medsegx.taxonomy import resolve
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -134,6 +135,7 @@ def test_train_publishes_a_checkpoint_that_infer_uses(server, client, datastore_
     assert metadata["model_version"] == result["model_version"] != served_before
     # what the decoder learnt serves the labelled structures only (issue 14's regression guard)
     assert tuned.tuned_context_set() == {tuple(resolve(name, "CT").indices) for name in ("liver", "spleen")}
+    assert adapters_inert(tuned)  # train_adapters is off by default: the encoder is the served one
     assert metadata["parent_model_version"] == served_before
     assert metadata["training_set"]["structures"] == result["training_set"]["structures"]
     assert (published.parent / "medsegx.prev.pth").is_file() == had_checkpoint

@@ -8,6 +8,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from medsegx.build import build_model, context_sizes
 from medsegx.modeling import ConMoAEMLP, KeepResolutionMaskDecoder
+from medsegx.steps import set_train_mode
 from medsegx.taxonomy import load_taxonomy, resolve
 
 OFFICIAL_ENCODER_KEY = re.compile(
@@ -222,6 +223,10 @@ def test_tuned_decoder_serves_only_its_contexts():
     trained = {name for name, _ in model.named_trainable_parameters()}
     assert any(name.startswith("tuned_decoder.") for name in trained)
     assert not any(name.startswith("mask_decoder.") for name in trained)  # the shared decoder stays
+    assert not any(name.startswith("image_encoder.") for name in trained)  # in-loop default: adapters frozen
+    set_train_mode(model)
+    assert model.tuned_decoder.training and not model.mask_decoder.training
+    assert not any(block.training for block in model.conmoae_blocks)  # deterministic encoder, no dropout
     with torch.no_grad():
         for param in model.tuned_decoder.parameters():
             param.add_(0.02 * torch.randn(param.shape))
@@ -234,3 +239,7 @@ def test_tuned_decoder_serves_only_its_contexts():
     assert model.tuned_context_set() == {(1, 2, 3, -1, 0), (1, 4, 5, -1, 0)}
     with pytest.raises(ValueError, match="5 ints"):
         model.tune_decoder_for([(1, 2)])
+    model.tune_decoder_for([], adapters=True)  # the offline recipe's parts too
+    assert any("adapter" in name for name, _ in model.named_trainable_parameters())
+    set_train_mode(model)
+    assert all(block.training for block in model.conmoae_blocks)

@@ -87,12 +87,15 @@ class MedSegXModel(nn.Module):
         }
 
     # -- the tuned decoder ------------------------------------------------------------------
-    def tune_decoder_for(self, contexts: Iterable[Iterable[int]]) -> None:
+    def tune_decoder_for(self, contexts: Iterable[Iterable[int]], adapters: bool = False) -> None:
         """Prepare in-loop fine-tuning of ``contexts`` (5 ints each): they decode with the tuned decoder.
 
         The tuned decoder is made from ``mask_decoder`` the first time (same outputs until it is
         trained) and keeps the contexts it was tuned on before; ``mask_decoder`` is frozen, so
-        the optimiser (``named_trainable_parameters``) trains the tuned copy only.
+        the optimiser (``named_trainable_parameters``) trains the tuned copy only, and the
+        adapters and context embeddings too when ``adapters`` (the offline recipe trains them;
+        in a few-slice round they measured no gain, and frozen they keep every other context's
+        embedding as it was).
         """
         wanted = {tuple(int(i) for i in c) for c in contexts}
         if any(len(c) != 5 for c in wanted):
@@ -104,6 +107,8 @@ class MedSegXModel(nn.Module):
             param.requires_grad = False
         for param in self.tuned_decoder.parameters():
             param.requires_grad = True
+        for name, param in self.image_encoder.named_parameters():
+            param.requires_grad = adapters and any(key in name for key in TRAINABLE_ENCODER_KEYS)
 
     def tuned_context_set(self) -> set[tuple[int, ...]]:
         """The contexts decoded by the tuned decoder (empty without one)."""

@@ -57,7 +57,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 
-from medsegx.budget import INLOOP_LR, BudgetPlan, EarlyStop, FinetuneBudget
+from medsegx.budget import INLOOP_LR, INLOOP_TRAIN_ADAPTERS, BudgetPlan, EarlyStop, FinetuneBudget
 from medsegx.checkpoint import publish_checkpoint
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import finite_or_none
@@ -130,6 +130,7 @@ class MedSegXTrain(BasicTrainTask):
             "val_batch_size": 4 if gpu else 1,
             "lr": INLOOP_LR,
             "weight_decay": FINETUNE_WEIGHT_DECAY,
+            "train_adapters": INLOOP_TRAIN_ADAPTERS,
             "slices_per_structure": 16 if gpu else 8,
             "val_slices_per_structure": 8 if gpu else 2,
             "max_slices_per_structure": 64,
@@ -251,7 +252,10 @@ class MedSegXTrain(BasicTrainTask):
             context.parent_version = loaded.version
             checkpoint = loaded.checkpoint
         contexts = {tuple(sample["context"]) for sample in [*context.train_datalist, *context.val_datalist]}
-        model.tune_decoder_for(contexts)
+        train_adapters = context.request.get("train_adapters", INLOOP_TRAIN_ADAPTERS)
+        if not isinstance(train_adapters, bool):
+            raise ValueError(f"train request train_adapters={train_adapters!r} must be true or false")
+        model.tune_decoder_for(contexts, adapters=train_adapters)
         logger.info("medsegx train: starting from %s (%s); tuned decoder for %d context(s)", context.parent_version,
                     checkpoint or "backbone weights", len(model.tuned_context_set()))
         return model
