@@ -183,8 +183,10 @@ class Server:
         env["PATH"] = sysconfig.get_paths()["scripts"] + os.pathsep + env.get("PATH", "")
         env["MONAILABEL_PYEXE"] = sys.executable
         self.log = root / "server.log"
-        command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app), "--studies",
-                   str(self.studies), "--host", "127.0.0.1", "--port", str(self.port), *extra]
+        # the app's launcher, as scripts/start.sh runs it (monailabel.main without the imports the
+        # server never uses: docs/MONAILABEL_COMPAT.md #10)
+        command = [sys.executable, str(self.app / "lib" / "compat.py"), "start_server", "--app", str(self.app),
+                   "--studies", str(self.studies), "--host", "127.0.0.1", "--port", str(self.port), *extra]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root,
                                             start_new_session=True)

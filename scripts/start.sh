@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The README's first command: set up the environment, build the sample studies, and run the
 # MedSegX MONAI Label server on http://127.0.0.1:${PORT:-8000} with the embedded default model.
-# Extra arguments go to `monailabel start_server`, e.g. `--conf device cuda --conf cache_size 128`.
+# Extra arguments go to `monailabel start_server`, e.g. `--conf device cuda --conf cache_size 128`; it runs
+# through the app's launcher (apps/medsegx/lib/compat.py: MONAI Label without the ~200 MiB of imports the
+# server never uses, docs/MONAILABEL_COMPAT.md #10).
 #   STUDIES=<folder or DICOMweb URL>  serve other studies instead of the sample datastore
 #   HOST / PORT                       where to listen (default 127.0.0.1:8000)
 #   PACS=orthanc                      the whole stack: Orthanc + DICOMweb on 127.0.0.1:${ORTHANC_HTTP_PORT:-8042}
@@ -21,7 +23,7 @@ if [ "${PACS:-}" = "orthanc" ]; then
     ct_and_mr='{"Modality": "CT,MR"}'
     export MONAI_LABEL_DICOMWEB_SEARCH_FILTER="${MONAI_LABEL_DICOMWEB_SEARCH_FILTER:-$ct_and_mr}"
     echo "start: MedSegX on http://${HOST:-127.0.0.1}:${PORT:-8000} (studies: $STUDIES; OHIF: /ohif/)"
-    monailabel start_server --app apps/medsegx --studies "$STUDIES" \
+    python apps/medsegx/lib/compat.py start_server --app apps/medsegx --studies "$STUDIES" \
         --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"
     exit $?
 elif [ -n "${PACS:-}" ]; then
@@ -34,5 +36,5 @@ if [ -z "${STUDIES:-}" ]; then
     STUDIES=sample-data/datastore
 fi
 echo "start: MedSegX on http://${HOST:-127.0.0.1}:${PORT:-8000} (studies: $STUDIES)"
-exec monailabel start_server --app apps/medsegx --studies "$STUDIES" \
+exec python apps/medsegx/lib/compat.py start_server --app apps/medsegx --studies "$STUDIES" \
     --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}" "$@"

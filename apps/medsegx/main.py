@@ -29,8 +29,8 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
-from lib import auth, compat
-from lib.background import start_background_low
+from lib import allocator, auth, compat
+from lib.background import in_background_process, start_background_low
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
@@ -39,6 +39,8 @@ from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
 start_background_low()  # a train / scoring process: low priority before it builds the app and model
+if not in_background_process():  # before the model, images and embeddings are allocated
+    allocator.map_large_buffers()
 
 
 class MedSegXApp(MONAILabelApp):

@@ -1,12 +1,19 @@
-"""The app's MONAI Label 0.8.5 workarounds (docs/MONAILABEL_COMPAT.md #2, #3, start-up errors)."""
+"""The app's MONAI Label 0.8.5 workarounds (docs/MONAILABEL_COMPAT.md #2, #3, #10, start-up errors)."""
 
 import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 from lib import compat
 from lib.settings import AppConfigError
+
+LIB_DIR = Path(compat.__file__).resolve().parent
 
 
 def test_dcmqi_found_next_to_the_interpreter_without_download(monkeypatch):
@@ -49,3 +56,77 @@ def test_startup_traceback_of_a_config_error_is_one_line():
     other = server_log.makeRecord(server_log.name, logging.ERROR, __file__, 1, "Traceback ...\nKeyError: 'x'", (), None)
     assert all(f.filter(other) for f in server_log.filters)
     assert other.getMessage().startswith("Traceback")
+
+
+def run_python(code: str, **env: str) -> str:
+    """``code`` in a fresh interpreter with the app's folder on the path (this process keeps its imports)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=LIB_DIR.parent, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_skipped_packages_look_uninstalled_to_monai_and_torch():
+    out = run_python(
+        "from lib import compat; skipped = compat.skip_unused_imports()\n"
+        "import importlib.util, monai\n"
+        "from monai.utils import optional_import\n"
+        "from torch.utils._triton import has_triton_package\n"
+        "print(sorted(skipped), [optional_import(n)[1] for n in skipped], importlib.util.find_spec('pandas'),"
+        " has_triton_package())"
+    )
+    skipped = sorted(compat.SERVER_UNUSED_PACKAGES)
+    assert out.split() == [*str(skipped).split(), *str([False] * len(skipped)).split(), "None", "False"]
+
+
+def glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not glibc(), reason="the allocator setting is glibc's")
+def test_large_buffers_are_mapped_unless_the_environment_says_otherwise():
+    code = "from lib import allocator; print(allocator.map_large_buffers())"
+    assert run_python(code).strip() == "True"
+    assert run_python(code, MALLOC_MMAP_THRESHOLD_="1048576").strip() == "False"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the server's /proc/<pid>/maps")
+def test_launcher_serves_without_the_unused_packages(sample_data, server_launcher, tmp_path):
+    """The real server started as scripts/start.sh starts it answers a box; no shared library of a
+    skipped package (pandas, pyarrow, triton, matplotlib, scikit-learn) is mapped into it, SimpleITK's
+    (MONAI Label imports it) is; the allocator setting is in effect (its log line)."""
+    app_dir = server_launcher.copy_app(tmp_path / "app")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, str(app_dir / "lib" / "compat.py"), "start_server", "--app", str(app_dir),
+               "--studies", str(sample_data["datastore"]), "--host", "127.0.0.1", "--port", port,
+               "--conf", "prefetch_slices", "0", "--conf", "tracking", "none"]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                   env={**server_launcher.env(), "MEDSEGX_RUNTIME": "eager"}, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        server_launcher.wait_until_serving(url, process, log, 300)
+        from monailabel.client import MONAILabelClient
+
+        (tmp_path / "client").mkdir()
+        _, result = MONAILabelClient(url, tmpdir=str(tmp_path / "client")).infer(
+            "medsegx", "ct_phantom", {"label": "liver", "roi": [17, 99, 56, 128, 20, 20]})
+        assert result["voxels"] > 0
+        mapped = Path(f"/proc/{process.pid}/maps").read_text()
+        for package in compat.SERVER_UNUSED_PACKAGES:
+            assert f"/site-packages/{package}/" not in mapped, package
+        assert "/site-packages/SimpleITK/" in mapped
+        assert "malloc: buffers of 128 KiB or more are mapped" in log.read_text()
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

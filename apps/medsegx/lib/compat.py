@@ -18,6 +18,15 @@ two of the three that live in the app (the third, #6, has a module of its own):
   (``--conf infer_queue``, 503 + ``Retry-After``, disconnect and time-cap stops);
   ``MedSegXApp.__init__`` installs it.
 
+- **#10 imports the server never uses.** ``import monai`` imports every MONAI submodule
+  (``monai/__init__.py``: ``load_submodules``), and with them every optional package that is
+  installed: triton (through torchvision and ``torch._dynamo``), pandas and pyarrow, MLflow,
+  matplotlib, scikit-learn, TensorBoard -- ~200 MiB of the server's resident memory, before the
+  app is imported. :func:`skip_unused_imports` makes those imports fail in the server process, which
+  MONAI handles as a missing optional package; it has to run before ``monailabel.main`` imports
+  MONAI, so it runs from this file as the server's launcher (:func:`serve`, ``scripts/start.sh``).
+  MONAI Label's train and scoring tasks run in processes of their own and import them all.
+
 Not in that list but also MONAI Label's: a failing app constructor reaches the log as a
 uvicorn start-up traceback of some forty lines; :func:`one_line_startup_errors` keeps only the
 last line for the app's configuration errors, so a bad ``--conf`` fails with one clear line.
@@ -34,11 +43,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import sysconfig
 
 logger = logging.getLogger(__name__)
 
 DCMQI_TOOL = "itkimage2segimage"
+#: Installed packages that only MONAI's eager optional imports load into the server process (#10);
+#: the server never calls them: training (MLflow, TensorBoard) and scoring run in their own processes.
+SERVER_UNUSED_PACKAGES = ("triton", "pandas", "pyarrow", "mlflow", "matplotlib", "sklearn", "tensorboard")
 
 
 class _LastLineOnly(logging.Filter):
@@ -101,3 +114,36 @@ def ensure_dcmqi_on_path() -> str:
             "pip install dcmqi (MONAI Label would otherwise download dcmqi from GitHub); see docs/MONAILABEL_COMPAT.md #3"
         )
     return found
+
+
+def skip_unused_imports(packages: tuple[str, ...] = SERVER_UNUSED_PACKAGES) -> list[str]:
+    """Make ``import <package>`` raise ``ModuleNotFoundError`` in this process (#10).
+
+    A ``None`` entry in ``sys.modules`` is Python's own way to halt an import;
+    ``importlib.util.find_spec`` then answers ``None``, as for a package that is not installed,
+    which is what MONAI's ``optional_import`` and PyTorch's triton probe check.
+    Already imported packages are left alone.
+
+    Returns:
+        the packages skipped.
+    """
+    skipped = [name for name in packages if name not in sys.modules]
+    for name in skipped:
+        sys.modules[name] = None
+    return skipped
+
+
+def serve(argv: list[str]) -> int:
+    """``monailabel <argv>`` (``monailabel.main``) after :func:`skip_unused_imports`: the server's launcher."""
+    skip_unused_imports()
+    from monailabel.main import Main  # imports MONAI
+
+    sys.argv = ["monailabel", *argv]
+    Main().run()
+    return 0
+
+
+if __name__ == "__main__":  # python apps/medsegx/lib/compat.py start_server --app apps/medsegx ...
+    here = os.path.realpath(os.path.dirname(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]  # lib/'s modules are not top-level
+    sys.exit(serve(sys.argv[1:]))
