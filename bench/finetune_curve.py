@@ -65,7 +65,7 @@ from medsegx.build import build_model  # noqa: E402
 from medsegx.checkpoint import publish_checkpoint  # noqa: E402
 from medsegx.items import item_from_arrays, jitter_box  # noqa: E402
 from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices  # noqa: E402
-from medsegx.steps import build_optimizer, train_step, val_step  # noqa: E402
+from medsegx.steps import EncoderMemo, build_optimizer, train_step, val_step  # noqa: E402
 from medsegx.taxonomy import resolve  # noqa: E402
 from medsegx.transforms import prepare_volume  # noqa: E402
 
@@ -146,6 +146,7 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
     val_sampler = StructureBalancedSampler(["structure"] * len(val_items), VAL_SLICES_PER_STRUCTURE, shuffle=False)
     generator = torch.Generator().manual_seed(seed)
     optimizer = build_optimizer(model, lr)
+    memo = EncoderMemo()  # as the train task: a frozen encoder runs once per slice
     stopper = EarlyStop(plan.patience)
     cpu_start, steps, epoch = time.process_time(), 0, 0
     for epoch in range(1, plan.epochs + 1):
@@ -153,9 +154,9 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
             item = train_items[index]
             batch = {key: value[None] for key, value in item.items()}
             batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator)[None]
-            train_step(model, batch, optimizer)
+            train_step(model, batch, optimizer, memo=memo)
             steps += 1
-        scores = [val_step(model, {key: value[None] for key, value in val_items[i].items()})["dice"].item()
+        scores = [val_step(model, {key: value[None] for key, value in val_items[i].items()}, memo=memo)["dice"].item()
                   for i in val_sampler]
         if stopper.update(statistics.mean(scores), epoch, model):
             break
@@ -316,6 +317,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=INLOOP_LR, help="the train task's default")
     parser.add_argument("--eval-slices", type=int, default=6)
+    for name in ("base_steps", "steps_per_slice", "max_steps"):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
+                            help=f"FinetuneBudget.{name} (default: the train task's, {getattr(FinetuneBudget, name)})")
     parser.add_argument("--cross", default=None, metavar="CASE:OTHER",
                         help="score CASE's largest-k models on OTHER (the same structure in another volume)")
     parser.add_argument("--threads", type=int, default=1)
@@ -324,7 +328,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    budget = FinetuneBudget()
+    budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
+                               if getattr(args, name) is not None})
     base_model = build_model("lite")
     cross_source, cross_target = args.cross.split(":") if args.cross else (None, None)
     cross = load_volume(cross_target) if cross_target else None

@@ -20,6 +20,8 @@ trainer) wraps ``training_loss`` / ``train_step`` and never copies them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,6 +34,7 @@ from medsegx.metrics import dice_per_mask
 from medsegx.modeling import MedSegXModel
 
 __all__ = [
+    "EncoderMemo",
     "FINETUNE_LR",
     "FINETUNE_WEIGHT_DECAY",
     "TrainingLoss",
@@ -111,6 +114,61 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5)
     return torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
 
 
+class EncoderMemo:
+    """Encoder outputs of a round whose encoder is frozen, by image content and context (LRU).
+
+    An in-loop round trains the tuned decoder alone (``MedSegXModel.tune_decoder_for``): the
+    encoder is frozen and deterministic (``set_train_mode``), and each labelled slice comes back
+    every epoch with only its box jittered. Its embedding is then computed once per round, and
+    a step costs the decoder's forward and backward only. ``usable(model)`` is false while any
+    encoder parameter trains (the offline recipe), and the memo is then not consulted.
+
+    Args:
+        capacity: embeddings kept (4 MiB each for a 256-channel 64 x 64 embedding).
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def usable(model: nn.Module) -> bool:
+        inner = unwrap(model)
+        return not any(param.requires_grad for param in inner.image_encoder.parameters()) and \
+            not any(block.training for block in inner.conmoae_blocks)
+
+    def embeddings(self, model: MedSegXModel, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``(B, C, g, g)`` embeddings of ``images`` (B, 3, 256, 256) under ``context`` (B, 5)."""
+        keys = [(hashlib.blake2b(image.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest(),
+                 tuple(row.tolist())) for image, row in zip(images, context)]
+        missing = [i for i, key in enumerate(keys) if key not in self._entries]
+        if missing:
+            with torch.no_grad():
+                encoded, _ = model.encode(images[missing], context[missing])
+            for row, i in enumerate(missing):
+                self._entries[keys[i]] = encoded[row]
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        rows = []
+        for key in keys:
+            self._entries.move_to_end(key)
+            rows.append(self._entries[key])
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        return torch.stack(rows)
+
+
+def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor], memo: EncoderMemo | None):
+    """``(logits, iou)`` of a batch: the whole model, or the decoder on ``memo``'s embeddings."""
+    if memo is not None and EncoderMemo.usable(model):
+        inner = unwrap(model)
+        embeddings = memo.embeddings(inner, batch["image"], batch["context"])
+        return inner.decode(embeddings, batch["box"], None, batch["context"])
+    logits, iou, _ = model(batch["image"], batch["box"], batch["context"])
+    return logits, iou
+
+
 @dataclass
 class TrainingLoss:
     """One forward pass of a training batch.
@@ -137,7 +195,7 @@ class TrainingLoss:
 
 def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_function: DiceBCEMinLoss | None = None,
                   device: torch.device | str = "cpu", amp: bool = False,
-                  iou_loss_weight: float = 0.0) -> TrainingLoss:
+                  iou_loss_weight: float = 0.0, memo: EncoderMemo | None = None) -> TrainingLoss:
     """Forward a batch of items in train mode and compute the per-sample objective (no backward).
 
     Args:
@@ -150,13 +208,14 @@ def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_func
         device: where the step runs.
         amp: bfloat16 autocast on CUDA (ignored elsewhere).
         iou_loss_weight: weight of MSE(predicted IoU, actual IoU) over the 3 masks (0: off).
+        memo: an ``EncoderMemo`` for a round with a frozen encoder (ignored otherwise).
     """
     loss_function = loss_function or DiceBCEMinLoss()
     set_train_mode(model)
     batch = to_device(batch, device)
     label = batch["label"]
     with autocast(device, amp):
-        logits, iou_pred, _ = model(batch["image"], batch["box"], batch["context"])
+        logits, iou_pred = _forward(model, batch, memo)
     objective, mask_index = loss_function.per_mask(logits.float(), label).min(dim=1)
     logits = logits.detach().float()
     if iou_loss_weight > 0:
@@ -167,7 +226,8 @@ def training_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], loss_func
 
 def train_step(model: nn.Module, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                loss_function: DiceBCEMinLoss | None = None, device: torch.device | str = "cpu",
-               amp: bool = False, iou_loss_weight: float = 0.0) -> dict[str, torch.Tensor]:
+               amp: bool = False, iou_loss_weight: float = 0.0,
+               memo: EncoderMemo | None = None) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch: ``training_loss``, its batch mean back-propagated, one update.
 
     Returns:
@@ -175,7 +235,7 @@ def train_step(model: nn.Module, batch: Mapping[str, torch.Tensor], optimizer: t
         that gave the minimum, "label": (B, 1, 256, 256), "mask_index": (B,) long}``.
     """
     optimizer.zero_grad(set_to_none=True)
-    output = training_loss(model, batch, loss_function, device, amp, iou_loss_weight)
+    output = training_loss(model, batch, loss_function, device, amp, iou_loss_weight, memo)
     loss = output.objective.mean()
     loss.backward()
     optimizer.step()
@@ -184,17 +244,17 @@ def train_step(model: nn.Module, batch: Mapping[str, torch.Tensor], optimizer: t
 
 @torch.no_grad()
 def predict_batch(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
-                  amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  amp: bool = False, memo: EncoderMemo | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode forward: ``(logits (B, 3, 256, 256) float, predicted IoU (B, 3))``."""
     model = unwrap(model).eval()
     batch = to_device(batch, device)
     with autocast(device, amp):
-        logits, iou, _ = model(batch["image"], batch["box"], batch["context"])
+        logits, iou = _forward(model, batch, memo)
     return logits.float(), iou.float()
 
 
 def val_step(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
-             amp: bool = False) -> dict[str, torch.Tensor]:
+             amp: bool = False, memo: EncoderMemo | None = None) -> dict[str, torch.Tensor]:
     """Validation on a batch (exact boxes): the mask the predictor would return.
 
     The output is chosen by predicted IoU, as the infer task does (``Predictor``'s
@@ -205,7 +265,7 @@ def val_step(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: tor
         ``{"pred": (B, 1, 256, 256) float {0, 1} (IoU-chosen), "label", "dice": (B,) of the
         IoU-chosen mask, "dice_oracle": (B,), "chosen": (B,) long}``.
     """
-    logits, iou = predict_batch(model, batch, device, amp)
+    logits, iou = predict_batch(model, batch, device, amp, memo)
     label = batch["label"].to(logits.device)
     per_mask = dice_per_mask(logits, label)
     chosen = iou.argmax(dim=1)

@@ -3,6 +3,7 @@ train/val steps (medsegx.steps), mask uncertainty (medsegx.metrics), publishing 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from medsegx.checkpoint import load_checkpoint, previous_checkpoint_path, publis
 from medsegx.items import item_from_arrays, jitter_box, mask_box
 from medsegx.metrics import dice, mask_uncertainty
 from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices
-from medsegx.steps import build_optimizer, set_train_mode, train_step, val_step
+from medsegx.steps import EncoderMemo, build_optimizer, set_train_mode, train_step, val_step
 from medsegx.taxonomy import resolve
 from medsegx.transforms import box_to_model, mask_from_model, resize_info, to_model_input
 
@@ -227,3 +228,28 @@ def test_resize_info_matches_item(tiny_model):
     info = resize_info(300, 120)
     assert item["valid_hw"].tolist() == list(info.resized_size)
     assert item["label"][0, :, info.resized_size[1]:].sum() == 0  # padding stays background
+
+
+def test_encoder_memo_gives_the_same_steps_with_one_encoder_pass_per_slice():
+    """A frozen-encoder round (the in-loop default) encodes each slice once; the steps are unchanged."""
+    torch.manual_seed(0)
+    model = build_model("tiny_lite", pretrained=False)
+    model.tune_decoder_for([LIVER_CT])
+    twin = copy.deepcopy(model)
+    items = [item_from_arrays(*_slice(seed=seed), LIVER_CT, model.normalize) for seed in (0, 1)]
+    memo, plain = EncoderMemo(), None
+    for step in range(4):
+        item = items[step % 2]
+        batch = {key: value[None] for key, value in item.items()}
+        ours = train_step(model, batch, build_optimizer(model, lr=1e-3), memo=memo)
+        reference = train_step(twin, batch, build_optimizer(twin, lr=1e-3), memo=plain)
+        assert torch.allclose(ours["loss"], reference["loss"], atol=1e-5), step
+    assert (memo.misses, memo.hits) == (2, 2)
+    val = val_step(model, {key: value[None] for key, value in items[0].items()}, memo=memo)
+    assert torch.allclose(val["dice"], val_step(twin, {key: value[None] for key, value in items[0].items()})["dice"])
+    assert memo.hits == 3
+    model.tune_decoder_for([], adapters=True)  # adapters train: the encoder changes, the memo is not used
+    set_train_mode(model)
+    assert not EncoderMemo.usable(model)
+    train_step(model, {key: value[None] for key, value in items[0].items()}, build_optimizer(model), memo=memo)
+    assert memo.hits == 3 and memo.misses == 2

@@ -62,7 +62,7 @@ from medsegx.checkpoint import publish_checkpoint
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import finite_or_none
 from medsegx.slices import StructureBalancedSampler
-from medsegx.steps import FINETUNE_WEIGHT_DECAY, build_optimizer, train_step, val_step
+from medsegx.steps import FINETUNE_WEIGHT_DECAY, EncoderMemo, build_optimizer, train_step, val_step
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
 from lib.background import limit_background_cpu
@@ -256,6 +256,7 @@ class MedSegXTrain(BasicTrainTask):
         if not isinstance(train_adapters, bool):
             raise ValueError(f"train request train_adapters={train_adapters!r} must be true or false")
         model.tune_decoder_for(contexts, adapters=train_adapters)
+        context.encoder_memo = EncoderMemo()  # frozen encoder: each slice is encoded once per round
         logger.info("medsegx train: starting from %s (%s); tuned decoder for %d context(s)", context.parent_version,
                     checkpoint or "backbone weights", len(model.tuned_context_set()))
         return model
@@ -317,7 +318,8 @@ class MedSegXTrain(BasicTrainTask):
         amp = bool(context.request.get("amp", True))
 
         def iteration(engine, batchdata):
-            output = train_step(engine.network, batchdata, engine.optimizer, engine.loss_function, context.device, amp)
+            output = train_step(engine.network, batchdata, engine.optimizer, engine.loss_function, context.device, amp,
+                                memo=context.encoder_memo)
             return _decollate(output, ("pred", "label"), shared=("loss",))
 
         return iteration
@@ -326,7 +328,7 @@ class MedSegXTrain(BasicTrainTask):
         amp = bool(context.request.get("amp", True))
 
         def iteration(engine, batchdata):
-            output = val_step(engine.network, batchdata, context.device, amp)
+            output = val_step(engine.network, batchdata, context.device, amp, memo=context.encoder_memo)
             return _decollate(output, ("pred", "label", "dice", "dice_oracle"))
 
         return iteration
@@ -436,7 +438,8 @@ class FineTuneMonitor:
         amp = bool(self.context.request.get("amp", True))
         scores = []
         for batch in loader:
-            scores.extend(val_step(self.context.network, batch, self.context.device, amp)["dice"].tolist())
+            scores.extend(val_step(self.context.network, batch, self.context.device, amp,
+                                   memo=self.context.encoder_memo)["dice"].tolist())
         self.baseline = sum(scores) / len(scores) if scores else None
         logger.info("medsegx train: served model %s: val Dice %.4f on %d slice(s) (%.1f s)",
                     self.context.parent_version, self.baseline or float("nan"), len(scores), time.time() - start)
