@@ -103,10 +103,20 @@ class EagerRuntime:
 
     def decode(self, embeddings, boxes, points=None, context=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``context``: 5 ints for all prompts; it matters (and is passed on) only with a tuned decoder."""
+        embeddings = as_float32(embeddings)
         if context is None or not has_tuned_decoder(self.model):
             return self.model.decode(embeddings, boxes, points)
         return self.model.decode(embeddings, boxes, points,
                                  torch.as_tensor(context, dtype=torch.long, device=embeddings.device))
+
+
+def as_float32(embeddings: torch.Tensor) -> torch.Tensor:
+    """A cached (float16) embedding as float32; one image expanded to ``B`` prompts stays expanded."""
+    if embeddings.dtype == torch.float32:
+        return embeddings
+    if embeddings.shape[0] > 1 and embeddings.stride(0) == 0:
+        return embeddings[:1].float().expand_as(embeddings)
+    return embeddings.float()
 
 
 class EncoderGraph(nn.Module):

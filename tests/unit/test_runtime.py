@@ -119,6 +119,20 @@ def test_cached_embedding_survives_the_runtime(lite_pair, sample_data):
     assert torch.equal(entry.embeddings, before)
 
 
+def test_half_precision_cache_hits_match_eager(lite_pair, sample_data):
+    """Cached embeddings are float16 (half the memory); a cache hit still matches eager float32."""
+    compiled, eager = lite_pair
+    for volume, context, z, box, _ in [*structure_slices(sample_data, "ct_phantom", {"liver": 1, "aorta": 5}, "CT"),
+                                       *structure_slices(sample_data, "mni152_t1", {"grey_matter": 1}, "MRI")]:
+        key = ("half", context.target)
+        compiled.predict(volume[z], box, context, key=key, slice_index=z)
+        hit = compiled.predict(volume[z], box, context, key=key, slice_index=z)
+        reference = eager.predict(volume[z], box, context)
+        assert hit.cache_hit and compiled._cache[compiled.cache_key(None, key, z, tuple(context.indices))] \
+            .embeddings.dtype == torch.float16
+        assert rel_l2(hit.logits, reference.logits) <= 1e-3 and dice(hit.mask, reference.mask) >= 0.99, context.target
+
+
 def test_prompt_rows_follow_the_eager_prompt_layout():
     box = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     clicks = (torch.tensor([[[5.0, 6.0]]]), torch.tensor([[1]]))
