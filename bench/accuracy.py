@@ -14,7 +14,8 @@ Columns, all in one run on the same slices:
   truncated to int, single mask = token 0, logits cropped and resized bilinearly to the image);
 - for each intensity normalisation of ours (``/255``: the image as is; ``minmax``: stretched
   to its own range first, LiteMedSAM's recipe), the mask chosen by:
-  ``iou`` (the highest predicted IoU), ``t0`` (token 0 alone), ``iou*stab`` (predicted IoU x
+  ``iou`` (the highest predicted IoU), ``box_fit`` (what the predictor serves: the IoU choice
+  unless the masks' bounding boxes say otherwise, ``medsegx.predictor.BOX_FIT_POOR``), ``t0`` (token 0 alone), ``iou*stab`` (predicted IoU x
   stability score), ``stab`` (stability alone), ``agree`` (the mask with the highest mean
   Dice to the other two), and ``oracle`` (best of the three by Dice: evaluation only, never
   served).
@@ -50,7 +51,10 @@ from medsegx.taxonomy import resolve  # noqa: E402
 from medsegx.transforms import mask_from_model, prepare_volume, resize_info  # noqa: E402
 
 NORMALISATIONS = {"/255": False, "minmax": True}
-CHOICES = ("iou", "t0", "iou*stab", "stab", "agree", "oracle")
+CHOICES = ("iou", "box_fit", "t0", "iou*stab", "stab", "agree", "oracle")
+#: ``--loose``: how far each side of the box is pushed out (per slice, seeded): exact, a uniform
+#: 0..10 % of the box's side, or a uniform 0..20 px (MedSAM's box perturbation).
+LOOSE = ("none", "pct10", "px20")
 
 
 def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -89,21 +93,35 @@ class RawLiteMedSAM:
         return logits[0, 0].numpy() > 0
 
 
-def choose(masks: np.ndarray, logits: np.ndarray, iou: np.ndarray, gt: np.ndarray) -> dict[str, np.ndarray]:
+def loosen(box: tuple[int, int, int, int], shape: tuple[int, int], how: str, rng) -> tuple[float, ...]:
+    """``box`` pushed out per ``--loose`` (clipped to the image)."""
+    if how == "none":
+        return box
+    x0, y0, x1, y1 = box
+    sides = np.array([x1 - x0 + 1, y1 - y0 + 1, x1 - x0 + 1, y1 - y0 + 1], dtype=float)
+    push = rng.uniform(0, 0.10, 4) * sides if how == "pct10" else rng.integers(0, 21, 4).astype(float)
+    height, width = shape
+    return (max(0.0, x0 - push[0]), max(0.0, y0 - push[1]), min(width - 1.0, x1 + push[2]),
+            min(height - 1.0, y1 + push[3]))
+
+
+def choose(masks: np.ndarray, logits: np.ndarray, iou: np.ndarray, gt: np.ndarray,
+           served: int) -> dict[str, np.ndarray]:
     stability = []
     for token in logits:
         unsure = (token > -STABILITY_OFFSET).sum()
         stability.append(float((token > STABILITY_OFFSET).sum()) / unsure if unsure else 0.0)
     scores = [dice(mask, gt) for mask in masks]
     agreement = [np.mean([dice(mask, other) for j, other in enumerate(masks) if j != i]) for i, mask in enumerate(masks)]
-    return {"iou": masks[int(np.argmax(iou))], "t0": masks[0],
+    return {"iou": masks[int(np.argmax(iou))], "box_fit": masks[served], "t0": masks[0],
             "iou*stab": masks[int(np.argmax(np.asarray(iou) * np.asarray(stability)))],
             "stab": masks[int(np.argmax(stability))], "agree": masks[int(np.argmax(agreement))],
             "oracle": masks[int(np.argmax(scores))]}
 
 
-def evaluate(sources: list[str], slices: int, min_pixels: int, threads: int) -> list[dict]:
+def evaluate(sources: list[str], slices: int, min_pixels: int, threads: int, loose: str = "none") -> list[dict]:
     torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
     raw = RawLiteMedSAM()
     model = build_model("lite")
     predictor = Predictor(model, cache_size=0)
@@ -115,14 +133,14 @@ def evaluate(sources: list[str], slices: int, min_pixels: int, threads: int) -> 
             scores: dict[str, list[float]] = {}
             for z in pick_slices(volume_mask, slices, min_pixels):
                 gt, image = volume_mask[z], prepared[z]
-                box = bounding_box(gt)
+                box = loosen(bounding_box(gt), gt.shape, loose, rng)
                 scores.setdefault("raw", []).append(dice(raw(image, box), gt))
                 info = resize_info(*gt.shape)
                 for norm, minmax in NORMALISATIONS.items():
                     model.minmax_intensity = minmax
                     prediction = predictor.predict(image, box, context)
                     masks = mask_from_model(torch.from_numpy(prediction.logits), info)
-                    for name, mask in choose(masks, prediction.logits, prediction.iou, gt).items():
+                    for name, mask in choose(masks, prediction.logits, prediction.iou, gt, prediction.chosen).items():
                         scores.setdefault(f"{norm} {name}", []).append(dice(mask, gt))
             if scores:
                 rows.append({"source": case.source, "structure": structure, "slices": len(scores["raw"]),
@@ -153,9 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=6, help="slices per structure, evenly spread")
     parser.add_argument("--min-pixels", type=int, default=20, help="smallest structure area on a slice")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--loose", choices=LOOSE, default="none", help="push the box's sides out (see LOOSE)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    rows = evaluate(args.sources, args.slices, args.min_pixels, args.threads)
+    rows = evaluate(args.sources, args.slices, args.min_pixels, args.threads, args.loose)
     means = print_table(rows)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "mean": means}, indent=2))

@@ -279,7 +279,7 @@ def test_predict_is_thread_safe(tiny_model):
         (grey_image().astype(np.float32), (0, 0, 5, 5), LIVER, {}, "uint8.*prepare_intensity.*float32"),
         (np.zeros((2, 4, 4, 3), np.uint8), (0, 0, 1, 1), LIVER, {}, r"\(H, W\) or \(H, W, 3\), got shape \(2, 4, 4, 3\)"),
         (grey_image(), (0, 0, 5, 5), (1, 2, 3), {}, "context must be a TaskContext or 5 integers"),
-        (grey_image(), (0, 0, 5, 5), LIVER, {"select": "best"}, "select must be one of iou, oracle"),
+        (grey_image(), (0, 0, 5, 5), LIVER, {"select": "best"}, "select must be one of box_fit, iou, oracle"),
         (grey_image(), (0, 0, 5, 5), LIVER, {"select": "oracle"}, "needs gt"),
         (grey_image(), (0, 0, 5, 5), LIVER, {"points": [[1, 1, 2]]}, "labels must be 1 .* or 0"),
         (grey_image(), (0, 0, 5, 5), LIVER, {"points": [[1, 400, 1]]}, r"point \(1.0, 400.0\).*outside"),
