@@ -1,6 +1,7 @@
 """Shared fixtures: the built sample data and a real MONAI Label server running the app.
 
-The server fixture starts ``monailabel start_server --app <copy of apps/medsegx>`` as a
+The server fixture starts the app's launcher on a copy of ``apps/medsegx`` (``python
+<copy>/lib/compat.py start_server --app <copy>``: ``monailabel.main``, as ``scripts/start.sh`` runs it) as a
 subprocess on a free port of 127.0.0.1, waits for ``GET /info/`` to answer (polling with a
 deadline, failing early if the process dies), yields a small handle with a
 ``MONAILabelClient``, and stops the server at the end of the session. The server log goes to
@@ -60,14 +61,14 @@ def copy_app(destination: Path) -> Path:
 
 
 def server_command(app_dir: Path, studies: Path | str, port: int, *extra: str) -> list[str]:
-    # The `monailabel` launcher of this interpreter's environment (it runs `python -m monailabel.main`).
-    launcher = Path(sysconfig.get_paths()["scripts"]) / "monailabel"
+    # The app's launcher, as scripts/start.sh runs it: `monailabel.main` without the optional imports
+    # the server never uses (docs/MONAILABEL_COMPAT.md #10).
     if "prefetch_slices" not in extra:
         # idle-time prefetch off unless a test asks for it (tests/app/test_prefetch.py): the tests
         # say which boxes must miss the embedding cache, and a prefetched neighbour would not
         extra = (*extra, "--conf", "prefetch_slices", "0")
-    return [str(launcher), "start_server", "--app", str(app_dir), "--studies", str(studies),
-            "--host", "127.0.0.1", "--port", str(port), *extra]
+    return [sys.executable, str(app_dir / "lib" / "compat.py"), "start_server", "--app", str(app_dir),
+            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
 def server_env() -> dict[str, str]:
