@@ -311,12 +311,15 @@ def cross_table(rows: list[dict], cross_name: str) -> str:
 
 
 def main(argv=None) -> int:
+    global VAL_SLICES_PER_STRUCTURE  # --val-slices-per-structure
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=INLOOP_LR, help="the train task's default")
     parser.add_argument("--eval-slices", type=int, default=6)
+    parser.add_argument("--val-slices-per-structure", type=int, default=VAL_SLICES_PER_STRUCTURE,
+                        help="validation slices per epoch (the train task's val_slices_per_structure)")
     for name in ("base_steps", "steps_per_slice", "max_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
                             help=f"FinetuneBudget.{name} (default: the train task's, {getattr(FinetuneBudget, name)})")
@@ -328,6 +331,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    VAL_SLICES_PER_STRUCTURE = args.val_slices_per_structure
     budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
                                if getattr(args, name) is not None})
     base_model = build_model("lite")
