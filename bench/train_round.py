@@ -33,11 +33,7 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +41,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak import Server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "round8"
@@ -61,39 +60,15 @@ def build_sample_data(out_dir: Path) -> Path:
     return Path(module.build(out_dir)["datastore"])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(root: Path, studies: Path) -> tuple[str, subprocess.Popen, Path]:
-    app = shutil.copytree(ROOT / "apps" / "medsegx", root / "app",
-                          ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-    port, log = free_port(), root / "server.log"
-    env = {**os.environ, "MONAILABEL_PYEXE": sys.executable, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           # no uncertainty scoring at start-up or after the round: it would load the "idle" phases
-           "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
-    env["PATH"] = sysconfig.get_paths()["scripts"] + os.pathsep + env.get("PATH", "")
-    command = [str(Path(sysconfig.get_paths()["scripts"]) / "monailabel"), "start_server", "--app", str(app),
-               "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "prefetch_slices", "0",
-               # no embedding cache: every request runs the encoder, what an annotator on a new slice waits for
-               "--conf", "cache_size", "0"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                   start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited ({process.returncode}); see {log}")
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                return url, process, log
-        except requests.RequestException:
-            pass
-        time.sleep(1)  # poll interval
-    raise SystemExit(f"server did not answer within 600 s; see {log}")
+def start_server(root: Path, studies: Path) -> Server:
+    """``bench/soak.py``'s server (the app's launcher) on ``studies``, with no embedding cache (every
+    request runs the encoder, what an annotator on a new slice waits for), no prefetch, and no
+    uncertainty scoring at start-up or after the round (it would load the "idle" phases)."""
+    os.environ["MONAI_LABEL_AUTO_UPDATE_SCORING"] = "false"
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    server = Server(root, ["--conf", "prefetch_slices", "0", "--conf", "cache_size", "0"], studies=studies)
+    server.wait()
+    return server
 
 
 def label_slices(datastore: Path, out: Path, count: int) -> Path:
@@ -152,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=8, help="idle requests before and after the round")
     parser.add_argument("--slices", type=int, default=8, help="labelled slices")
+    parser.add_argument("--nice", type=int, default=None, help="the train request's nice (default: the task's)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         datastore = build_sample_data(root / "datastore")
-        url, process, log = start_server(root, datastore)
+        server = start_server(root, datastore)
+        url = server.url
         try:
             label = label_slices(datastore, root / "round8_label.nii.gz", args.slices)
             shutil.copy(datastore / f"{SOURCE}.nii.gz", root / f"{IMAGE}.nii.gz")
@@ -175,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             idle = idle_latencies(client, args.requests, runtime)
 
             started = time.perf_counter()
-            response = requests.post(f"{url}/train/medsegx", json={"images": [IMAGE], "publish": "always"})
+            body = {"images": [IMAGE], "publish": "always", **({"nice": args.nice} if args.nice is not None else {})}
+            response = requests.post(f"{url}/train/medsegx", json=body)
             response.raise_for_status()
             during: list[float] = []
             while train_status(url).get("status") in ("SUBMITTED", "RUNNING"):
@@ -187,11 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             idle += idle_latencies(client, args.requests, runtime)
             load_after = os.getloadavg()
         finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            server.stop()
         result = stats.get("medsegx", {})
         print(f"round on {args.slices} labelled slices: {task.get('status')} in {round_s:.0f} s (client), "
               f"train task total_time {stats.get('total_time', '?')}; budget {result.get('budget')}; "

@@ -46,7 +46,7 @@ from medsegx.taxonomy import resolve
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
-from lib.background import limit_background_cpu
+from lib.background import BACKGROUND_NICE, limit_background_cpu
 from lib.labelled_slices import BuildReport, LoadedImage, SliceSetBuilder, labelled_volumes, load_image
 from lib.model_store import ModelStore
 from lib.score_keys import MODEL_KEY, PROMPTS_KEY, SCORE_KEY, TS_KEY
@@ -119,7 +119,7 @@ class MedSegXUncertaintyScoring(ScoringMethod):
     """
 
     def __init__(self, store: ModelStore, app_labels: Mapping[str, int] | None = None, mc_samples: int = 2,
-                 max_prompts: int = 3, num_threads: int = 1, nice: int = 10):
+                 max_prompts: int = 3, num_threads: int = 1, nice: int = BACKGROUND_NICE):
         super().__init__("MedSegX uncertainty of unlabelled images: disagreement of the three masks "
                          "(+ MC dropout through the adapters) on atlas box prompts")
         self.store = store

@@ -65,7 +65,7 @@ from medsegx.slices import StructureBalancedSampler
 from medsegx.steps import FINETUNE_WEIGHT_DECAY, EncoderMemo, build_optimizer, train_step, val_step
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.background import limit_background_cpu
+from lib.background import BACKGROUND_NICE, limit_background_cpu
 from lib.labelled_slices import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
 from lib.model_store import ModelStore
 from lib.trainers.item_transforms import RandJitterBoxd, ToModelInputd
@@ -138,7 +138,7 @@ class MedSegXTrain(BasicTrainTask):
             "min_pixels": 10,
             "box_jitter": 20,
             "num_threads": 1,
-            "nice": 10,
+            "nice": BACKGROUND_NICE,
             "publish": "improved",
             "seed": 0,
             "amp": True,
