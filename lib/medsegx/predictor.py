@@ -60,9 +60,9 @@ CACHE_DTYPE = torch.float16
 SELECT_MODES = ("box_fit", "iou", "oracle")
 #: ``select="box_fit"`` (the default for a box): the mask with the highest predicted IoU, unless its
 #: bounding box fits the prompt box poorly (box IoU < BOX_FIT_POOR) while another mask's fits it well
-#: (>= BOX_FIT_GOOD). Chosen with ``bench/accuracy.py`` on 132 real slices: +0.015 mean Dice on exact
-#: boxes, +0.004 with boxes 0-10 % loose per side, +0.001 with 0-20 px loose, and no structure below
-#: the IoU choice in any of the three (thresholds picked on those same slices).
+#: (>= BOX_FIT_GOOD). ``bench/accuracy.py`` on 132 real slices (thresholds picked on those same slices):
+#: exact boxes 0.753 -> 0.766 mean Dice, no structure lower; sides 0-10 % loose (``--loose pct10``)
+#: 0.776 -> 0.779 (putamen -0.051); 0-20 px loose (``--loose px20``) 0.435 -> 0.431 (amygdala -0.057).
 BOX_FIT_POOR, BOX_FIT_GOOD = 0.6, 0.85
 #: How clicks without a box are turned into a mask (``Predictor.predict_clicks``), chosen
 #: with ``bench/clicks.py``.
