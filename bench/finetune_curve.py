@@ -76,6 +76,8 @@ DEFAULT_KS = (0, 1, 2, 4, 8)
 #: structure per epoch and validation slices per structure.
 SLICES_PER_STRUCTURE = 8
 VAL_SLICES_PER_STRUCTURE = 2
+#: ``--unet-cpu-s``: the UNet's CPU seconds per k (None: the same as ours took on that k).
+UNET_CPU_S: float | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             model = copy.deepcopy(base_model)
             train_items = volume.items(model, sets[k])
             info = finetune(model, train_items, budget, lr, seed)
-            unet, unet_steps = train_unet(train_items, info["cpu_s"], seed)
+            unet, unet_steps = train_unet(train_items, UNET_CPU_S or info["cpu_s"], seed)
             row["ours"].append(statistics.mean(evaluate(model, eval_items)))
             row["unet"].append(statistics.mean(evaluate_unet(unet, eval_items)))
             for key, value in (("steps", info["steps"]), ("planned_steps", info["planned_steps"]),
@@ -279,7 +281,8 @@ def monotonic(rows: list[dict]) -> bool:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | k | ours Dice (mean ± sd) | UNet Dice, same CPU s | steps (planned) | best epoch | CPU s |",
+    unet_budget = f"{UNET_CPU_S:.0f} CPU s" if UNET_CPU_S else "same CPU s"
+    lines = [f"| case | k | ours Dice (mean ± sd) | UNet Dice, {unet_budget} | steps (planned) | best epoch | CPU s |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         star = "*" if row["model_made"] else ""
@@ -311,13 +314,15 @@ def cross_table(rows: list[dict], cross_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    global VAL_SLICES_PER_STRUCTURE  # --val-slices-per-structure
+    global VAL_SLICES_PER_STRUCTURE, UNET_CPU_S  # --val-slices-per-structure, --unet-cpu-s
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=INLOOP_LR, help="the train task's default")
     parser.add_argument("--eval-slices", type=int, default=6)
+    parser.add_argument("--unet-cpu-s", type=float, default=None,
+                        help="a fixed CPU budget for the UNet anchor (default: the seconds ours took on that k)")
     parser.add_argument("--val-slices-per-structure", type=int, default=VAL_SLICES_PER_STRUCTURE,
                         help="validation slices per epoch (the train task's val_slices_per_structure)")
     for name in ("base_steps", "steps_per_slice", "max_steps"):
@@ -332,6 +337,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     VAL_SLICES_PER_STRUCTURE = args.val_slices_per_structure
+    UNET_CPU_S = args.unet_cpu_s
     budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
                                if getattr(args, name) is not None})
     base_model = build_model("lite")
