@@ -23,7 +23,6 @@ Images must already be prepared to uint8 (``medsegx.transforms.prepare_intensity
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -35,10 +34,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from medsegx.items import mask_box
 from medsegx.metrics import dice
 from medsegx.runtime import ServingRuntime
 from medsegx.taxonomy import TaskContext
 from medsegx.transforms import (
+    content_key,
     ResizeInfo,
     box_to_model,
     mask_from_model,
@@ -109,12 +110,6 @@ def _as_rgb_uint8(image: np.ndarray, what: str = "image") -> np.ndarray:
         raise ValueError(f"{what} must be uint8 (prepare it with medsegx.transforms.prepare_intensity), "
                          f"got dtype {image.dtype}")
     return image
-
-
-def _content_key(image: np.ndarray) -> str:
-    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
-    digest.update(repr((image.shape, image.dtype.str)).encode())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -260,7 +255,7 @@ class Predictor:
         """``(key or pixel hash, slice_index, context)``; the context is left out (``None``) while
         the adapters are inert: then the encoder's output is the same under every label."""
         context_part = None if self.serving.adapters_inert() else context
-        return (key if key is not None else _content_key(image), slice_index, context_part)
+        return (key if key is not None else content_key(image), slice_index, context_part)
 
     def _embedding(self, image: np.ndarray, key: Hashable | None, slice_index: int | None,
                    context: tuple[int, ...]) -> tuple[_Embedding, bool, float]:
@@ -847,11 +842,10 @@ def _box_fit_choice(logits: torch.Tensor, iou: np.ndarray, box_model: np.ndarray
     x1, y1 = float(box_model[2]) + info.scale, float(box_model[3]) + info.scale
     fits = []
     for mask in masks:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
+        if not mask.any():
             fits.append(0.0)
             continue
-        a0, b0, a1, b1 = cols[0], rows[0], cols[-1] + 1.0, rows[-1] + 1.0
+        a0, b0, a1, b1 = (v + edge for v, edge in zip(mask_box(mask), (0.0, 0.0, 1.0, 1.0)))
         inter = max(0.0, min(a1, x1) - max(a0, x0)) * max(0.0, min(b1, y1) - max(b0, y0))
         fits.append(inter / ((a1 - a0) * (b1 - b0) + (x1 - x0) * (y1 - y0) - inter))
     best = max(range(len(fits)), key=lambda i: (fits[i], iou[i]))

@@ -26,6 +26,7 @@ input tensor for inference and training (one transform factory, no copied litera
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -455,6 +456,14 @@ def validate_points(
     if image_size is not None:
         points_to_model(array[:, :2], resize_info(*image_size))  # raises for a point off the image
     return array
+
+
+def content_key(image: np.ndarray) -> str:
+    """Hash of an array's pixels, shape and dtype: the cache key of an image without a name
+    (``Predictor``'s embedding cache, ``medsegx.steps.EncoderMemo``)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
+    digest.update(repr((image.shape, image.dtype.str)).encode())
+    return digest.hexdigest()
 
 
 def box_to_model(box_xyxy: Sequence[float] | np.ndarray, info: ResizeInfo) -> np.ndarray:

@@ -101,8 +101,7 @@ class MedSegXModel(nn.Module):
         if any(len(c) != 5 for c in wanted):
             raise ValueError(f"contexts must be 5 ints each, got {sorted(wanted)}")
         wanted |= self.tuned_context_set()
-        decoder = self.tuned_decoder if self.tuned_decoder is not None else copy.deepcopy(self.mask_decoder)
-        self._set_tuned(decoder, torch.tensor(sorted(wanted), dtype=torch.long).reshape(-1, 5))
+        self._set_tuned(torch.tensor(sorted(wanted), dtype=torch.long).reshape(-1, 5))
         for param in self.mask_decoder.parameters():
             param.requires_grad = False
         for param in self.tuned_decoder.parameters():
@@ -119,16 +118,19 @@ class MedSegXModel(nn.Module):
     def match_state(self, state: dict[str, torch.Tensor]) -> None:
         """Add or drop the tuned decoder so that ``load_state_dict(state)`` fits (its ``tuned_contexts`` key)."""
         contexts = state.get("tuned_contexts")
-        if contexts is None:
-            if self.tuned_decoder is not None:
-                self._set_tuned(None, None)
-            return
-        decoder = self.tuned_decoder if self.tuned_decoder is not None else copy.deepcopy(self.mask_decoder)
-        self._set_tuned(decoder, contexts.detach().to(torch.long).reshape(-1, 5).clone())
+        if contexts is not None:
+            self._set_tuned(contexts.detach().to(torch.long).reshape(-1, 5).clone())
+        elif self.tuned_decoder is not None:
+            self._set_tuned(None)
 
-    def _set_tuned(self, decoder: nn.Module | None, contexts: torch.Tensor | None) -> None:
+    def _set_tuned(self, contexts: torch.Tensor | None) -> None:
+        """Route ``contexts`` to the tuned decoder (a copy of ``mask_decoder`` if there is none yet);
+        ``None`` drops it."""
         device = self.pixel_mean.device
-        self.tuned_decoder = decoder.to(device) if decoder is not None else None
+        if contexts is None:
+            self.tuned_decoder = None
+        elif self.tuned_decoder is None:
+            self.tuned_decoder = copy.deepcopy(self.mask_decoder).to(device)
         self.tuned_contexts = contexts.to(device) if contexts is not None else None
         self.structure_version += 1
 
