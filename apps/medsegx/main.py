@@ -35,6 +35,7 @@ from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
 from lib.guards import StudiesOnlyDatastore, check_app_image
+from lib.interactive import InteractiveMarker, marker_path
 from lib.settings import AppConfigError, AppSettings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,11 @@ class MedSegXApp(MONAILabelApp):
         os.makedirs(self.model_dir, exist_ok=True)
         compat.configure_tracking(self.settings.tracking, self.settings.tracking_uri)
 
-        self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT)
+        # the server marks its interactive work for the background train task (lib/interactive.py);
+        # the train process builds this app too, and must not overwrite the server's marker
+        marker = None if in_background_process() else InteractiveMarker(marker_path(self.model_dir))
+        self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT,
+                                      marker=marker)
         self.models = {"medsegx": MedSegX()}
         for name, task_config in self.models.items():
             task_config.init(name, self.model_dir, conf, None, settings=self.settings, busy=self.infer_queue.busy)

@@ -29,6 +29,8 @@ from medsegx.checkpoint import load_checkpoint
 from medsegx.runtime import adapters_inert
 from medsegx.taxonomy import resolve
 
+from lib.interactive import BUSY, IDLE, marker_path
+
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 MODEL = "medsegx"
@@ -116,11 +118,13 @@ def test_train_publishes_a_checkpoint_that_infer_uses(server, client, datastore_
     assert task["status"] == "DONE", details
     assert "medsegx train: epoch 1/1 loss" in details and "val Dice" in details
     assert "published model" in details
+    assert "yielded" in details  # time spent waiting for infer requests (lib/interactive.py)
 
     stats = client.info()["train_stats"][MODEL]
     result = stats["medsegx"]
     assert result["published"] is True, result
     assert result["parent_model_version"] == served_before
+    assert result["yielded_s"] >= 0 and result["yield_capped"] == 0
     assert result["training_set"]["volumes"] == [TRAIN_IMAGE]
     assert sorted(result["training_set"]["structures"]) == [f"{TRAIN_IMAGE}:liver", f"{TRAIN_IMAGE}:spleen"]
     skipped = "\n".join(result["training_set"]["skipped"])
@@ -227,3 +231,20 @@ def test_stopped_training_leaves_the_served_model(server, client, datastore_imag
     _, result = client.infer(MODEL, TRAIN_IMAGE, liver_request(datastore_images["truth"]))
     # the version served before the stopped run (the last train stats may be of a round that published nothing)
     assert result["model_version"] == before["model_version"]
+
+
+def test_the_round_waits_while_the_server_marks_a_request_running(server, client, datastore_images):
+    """The marker ``InferQueue`` writes while a request runs (``lib/interactive.py``): the round waits for it,
+    at most ``yield_cap_s`` at a time, and reports the time it waited."""
+    marker = marker_path(server.app_dir / "model")
+    marker.write_text(f"{BUSY} {time.time():.3f}\n")  # a request that runs through the whole round (a 3D box, say)
+    try:
+        run_training(server, client, {**TINY_RUN, "images": [TRAIN_IMAGE], "lr": 0.0, "weight_decay": 0.0,
+                                      "tracking": "None", "yield_cap_s": 1.0})
+        task = wait_for_task(server.url, "train")
+    finally:
+        marker.write_text(f"{IDLE} {time.time():.3f}\n")
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    result = client.info()["train_stats"][MODEL]["medsegx"]
+    assert result["yield_capped"] >= 1 and result["yielded_s"] >= 1.0, result
+    assert "the server has had interactive work for" in server.log_tail(4000)

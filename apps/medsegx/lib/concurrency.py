@@ -22,6 +22,11 @@ answers, upstream's own ``run_inference`` doing the work, but in a worker thread
 - a run longer than upstream's ``MONAI_LABEL_INFER_TIMEOUT`` (600 s) is stopped the same way
   and answered 504.
 
+The queue also tells the background train task when the server has interactive work: with a
+:class:`lib.interactive.InteractiveMarker` it writes ``busy`` when a request is admitted to an
+idle queue and ``idle`` when the last one is done, and the trainer pauses between its steps
+meanwhile (``lib/interactive.py``, issue 14).
+
 Before a request is queued, :func:`lib.guards.vet_infer_request` checks the client's own
 ``image`` / ``session_id`` / ``file`` / ``params`` (only the server's studies, uploads and
 sessions; ``docs/MONAILABEL_COMPAT.md`` #8), and :func:`install` wraps the served app in
@@ -53,6 +58,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.utils.app import app_instance
 
 from lib import guards
+from lib.interactive import InteractiveMarker
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +137,12 @@ class InferQueue:
         max_waiting: requests that may wait behind the running one; one more gets 503.
         time_cap_s: a run is stopped after this many seconds (504).
         poll_s: how often a waiting or running request checks that its client is still there.
+        marker: told when the queue turns busy and idle again (the server's; none in a
+            background process or a test of the queue alone); set idle here.
     """
 
-    def __init__(self, max_waiting: int, time_cap_s: float, poll_s: float = 0.25):
+    def __init__(self, max_waiting: int, time_cap_s: float, poll_s: float = 0.25,
+                 marker: InteractiveMarker | None = None):
         if max_waiting < 0 or time_cap_s <= 0 or poll_s <= 0:
             raise ValueError(f"InferQueue needs max_waiting >= 0 and positive times, got "
                              f"max_waiting={max_waiting}, time_cap_s={time_cap_s}, poll_s={poll_s}")
@@ -145,6 +154,9 @@ class InferQueue:
         self._run_seconds: deque[float] = deque(maxlen=8)
         self._counts = {"served": 0, "refused": 0, "stopped": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegx-infer")
+        self.marker = marker
+        if marker is not None:
+            marker.set(False)  # a server killed mid-request left "busy"
         _install_stop_hook()
 
     def status(self) -> dict[str, int | float]:
@@ -190,6 +202,8 @@ class InferQueue:
     async def _admit(self, request: Request) -> None:
         if not self._busy:
             self._busy = True
+            if self.marker is not None:
+                self.marker.set(True)
             return
         if len(self._waiting) >= self.max_waiting:
             self._counts["refused"] += 1
@@ -239,6 +253,8 @@ class InferQueue:
             self._waiting.popleft().set_result(None)  # the slot passes straight to the oldest waiter
         else:
             self._busy = False
+            if self.marker is not None:
+                self.marker.set(False)
 
     def _hand_over_when_done(self, future: asyncio.Future) -> None:
         if not future.cancelled():

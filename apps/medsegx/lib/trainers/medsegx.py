@@ -29,9 +29,13 @@ TensorBoard handlers). What differs from a MONAI Label sample app:
   stopped publishes nothing. The infer task's model store sees the new file on its next
   request.
 - **CPU**: in the background process MONAI Label starts for training, torch uses
-  ``num_threads`` threads (default 1) and the process lowers its priority (``nice``), so
-  inference in the server stays responsive. On a GPU (``--conf device cuda``) the same code
-  runs there, with bfloat16 autocast (``amp``).
+  ``num_threads`` threads (default 1) and the process lowers its priority (``nice``, and
+  ``SCHED_IDLE`` on Linux: ``lib/background.py``), so inference in the server stays responsive.
+  Before every training and validation step the round also waits while the server has an infer
+  request running or waiting, or ended less than 0.3 s ago (``yield_to_infer``,
+  ``lib/interactive.py``; at most ``yield_cap_s``, 30 s, at a time); the time it waited is in the epoch lines and
+  in the stats (``yielded_s``). On a GPU (``--conf device cuda``) the same code runs there, with
+  bfloat16 autocast (``amp``).
 
 Status: ``GET /train/`` shows the run's state and its last log lines (one summary line per
 epoch: loss, validation Dice, best); ``/info`` ``train_stats`` holds the metrics and the
@@ -65,7 +69,8 @@ from medsegx.slices import StructureBalancedSampler
 from medsegx.steps import FINETUNE_WEIGHT_DECAY, EncoderMemo, build_optimizer, train_step, val_step
 from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 
-from lib.background import BACKGROUND_NICE, limit_background_cpu
+from lib.background import BACKGROUND_NICE, BACKGROUND_SCHED_IDLE, limit_background_cpu
+from lib.interactive import YIELD_CAP_S, YIELD_GRACE_S, InteractiveYield, marker_path
 from lib.labelled_slices import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
 from lib.model_store import ModelStore
 from lib.trainers.item_transforms import RandJitterBoxd, ToModelInputd
@@ -102,7 +107,9 @@ class MedSegXTrain(BasicTrainTask):
         train_batch_size, val_batch_size, lr, weight_decay,
         slices_per_structure (drawn per epoch), val_slices_per_structure,
         max_slices_per_structure and max_cached_slices (candidate slices kept in memory, per
-        structure and in all), min_pixels, box_jitter, num_threads, nice, publish
+        structure and in all), min_pixels, box_jitter, num_threads, nice, sched_idle,
+        yield_to_infer (pause between steps while the server has interactive work),
+        yield_grace_s and yield_cap_s (``lib/interactive.py``), publish
         ("improved" | "always"), seed, amp, tracking ("mlflow" | "None"), tracking_uri.
     """
 
@@ -139,6 +146,10 @@ class MedSegXTrain(BasicTrainTask):
             "box_jitter": 20,
             "num_threads": 1,
             "nice": BACKGROUND_NICE,
+            "sched_idle": BACKGROUND_SCHED_IDLE,
+            "yield_to_infer": True,
+            "yield_grace_s": YIELD_GRACE_S,
+            "yield_cap_s": YIELD_CAP_S,
             "publish": "improved",
             "seed": 0,
             "amp": True,
@@ -161,13 +172,24 @@ class MedSegXTrain(BasicTrainTask):
     # -- entry ------------------------------------------------------------------------------
     def __call__(self, request, datastore):
         limit_background_cpu(int(request.get("num_threads", self._config["num_threads"])),
-                             int(request.get("nice", self._config["nice"])))
+                             int(request.get("nice", self._config["nice"])),
+                             _flag(request, "sched_idle", self._config["sched_idle"]))
+        self.interactive_yield(request)  # FineTuneMonitor's; a bad value fails before any work
         publish = request.get("publish", self._config["publish"])
         if publish not in PUBLISH_POLICIES:
             raise ValueError(f"train request publish={publish!r} is not one of {', '.join(PUBLISH_POLICIES)}")
         if not request.get("tracking_uri"):
             request = {**request, "tracking_uri": self._tracking_uri or _monailabel_tracking_uri()}
         return super().__call__(request, datastore)
+
+    def interactive_yield(self, request) -> InteractiveYield | None:
+        """The round's waiter for the server's infer requests (``None`` with ``yield_to_infer`` false)."""
+        if not _flag(request, "yield_to_infer", self._config["yield_to_infer"]):
+            return None
+        # the server writes the marker into the app's model folder; this process built the same app
+        return InteractiveYield(marker_path(self.store.settings.model_dir),
+                                grace_s=float(request.get("yield_grace_s", self._config["yield_grace_s"])),
+                                cap_s=float(request.get("yield_cap_s", self._config["yield_cap_s"])))
 
     def pre_process(self, request, datastore):
         """The labelled volumes (one entry each; ``images`` restricts them); slices come after the split."""
@@ -394,6 +416,14 @@ class MedSegXTrain(BasicTrainTask):
         return stats
 
 
+def _flag(request, key: str, default: bool) -> bool:
+    """A true/false request key (JSON booleans; a bool default), or a ``ValueError`` naming it."""
+    value = request.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"train request {key}={value!r} must be true or false")
+    return value
+
+
 def _monailabel_tracking_uri() -> str:
     from monailabel.config import settings
 
@@ -405,6 +435,8 @@ class FineTuneMonitor:
 
     Handlers:
         trainer STARTED: validation Dice of the served weights (the baseline to beat).
+        trainer and evaluator ITERATION_STARTED (and each baseline batch): wait while the
+            server has interactive work (``lib/interactive.py``; ``yield_to_infer``).
         trainer EPOCH_COMPLETED (after validation): ``medsegx.budget.EarlyStop`` keeps a CPU
             copy of the trainable weights when the validation Dice improved (every epoch when
             there is no validation) and stops the run after the plan's patience; one summary line.
@@ -420,15 +452,30 @@ class FineTuneMonitor:
         plan = getattr(context, "plan", None)
         self.stopper = EarlyStop(plan.patience if plan is not None else 0)
         self.epoch_start = time.time()
+        self.epoch_yielded_s = 0.0
         self.task._result = {"published": False}
+        self.pause = task.interactive_yield(context.request)
 
     def attach(self) -> None:
         trainer = self.context.trainer
         trainer.add_event_handler(Events.STARTED, self.measure_baseline)
+        if self.pause is not None:
+            trainer.add_event_handler(Events.ITERATION_STARTED, self.yield_to_infer)
+            if self.context.evaluator is not None:
+                self.context.evaluator.add_event_handler(Events.ITERATION_STARTED, self.yield_to_infer)
         trainer.add_event_handler(Events.EPOCH_STARTED, self.start_epoch)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.end_epoch)
         trainer.add_event_handler(Events.COMPLETED, self.complete)
         trainer.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def yield_to_infer(self, engine=None) -> None:
+        """Before a step: wait while the server has interactive work (at most ``yield_cap_s``)."""
+        if self.pause is not None:
+            self.pause.wait()
+
+    @property
+    def yielded_s(self) -> float:
+        return self.pause.yielded_s if self.pause is not None else 0.0
 
     def measure_baseline(self, engine) -> None:
         loader = getattr(self.context, "val_loader", None)
@@ -438,6 +485,7 @@ class FineTuneMonitor:
         amp = bool(self.context.request.get("amp", True))
         scores = []
         for batch in loader:
+            self.yield_to_infer()
             scores.extend(val_step(self.context.network, batch, self.context.device, amp,
                                    memo=self.context.encoder_memo)["dice"].tolist())
         self.baseline = sum(scores) / len(scores) if scores else None
@@ -446,6 +494,7 @@ class FineTuneMonitor:
 
     def start_epoch(self, engine) -> None:
         self.epoch_start = time.time()
+        self.epoch_yielded_s = self.yielded_s
 
     def end_epoch(self, engine) -> None:
         evaluator = self.context.evaluator
@@ -458,8 +507,9 @@ class FineTuneMonitor:
         train_dice = finite_or_none(engine.state.metrics.get(self.task.TRAIN_METRIC_MEAN_DICE))
         logger.info(
             "medsegx train: epoch %d/%d loss %.4f train Dice %s val Dice %s (best %s @ epoch %d; served model %s) "
-            "%.1f s", engine.state.epoch, engine.state.max_epochs, loss, _fmt(train_dice), _fmt(finite_or_none(val_dice)),
-            _fmt(self.best), self.stopper.best_epoch, _fmt(self.baseline), time.time() - self.epoch_start)
+            "%.1f s (yielded %.1f s to infer requests)", engine.state.epoch, engine.state.max_epochs, loss,
+            _fmt(train_dice), _fmt(finite_or_none(val_dice)), _fmt(self.best), self.stopper.best_epoch,
+            _fmt(self.baseline), time.time() - self.epoch_start, self.yielded_s - self.epoch_yielded_s)
         if stop:
             logger.info("medsegx train: early stop after %d epoch(s) without a better validation Dice",
                         self.stopper.stale)
@@ -481,6 +531,7 @@ class FineTuneMonitor:
             "epochs": engine.state.epoch,
             "budget": vars(context.plan) if getattr(context, "plan", None) is not None else None,
             "training_set": context.build_report.as_dict(),
+            **self.yield_summary(),
         }
         beats_served = self.best is None or self.baseline is None or self.best > self.baseline
         if self.stopper.best_weights is None:
@@ -506,6 +557,9 @@ class FineTuneMonitor:
                                       optimizer=context.optimizer, epoch=engine.state.epoch)
             result.update(published=True, model_version=meta["model_version"], checkpoint=str(self.task.publish_path))
         self.task._result = result
+        if self.pause is not None:
+            logger.info("medsegx train: yielded %.1f s to infer requests (%d pause(s), %d ended at the %.0f s cap)",
+                        self.pause.yielded_s, self.pause.pauses, self.pause.capped, self.pause.cap_s)
         if result["published"]:
             logger.info("medsegx train: published model %s to %s (val Dice %s, served model had %s)",
                         result["model_version"], self.task.publish_path, _fmt(self.best), _fmt(self.baseline))
@@ -514,8 +568,14 @@ class FineTuneMonitor:
 
     def failed(self, engine, error) -> None:
         logger.error("medsegx train: failed (%s: %s); the served model is untouched", type(error).__name__, error)
-        self.task._result = {"published": False, "reason": f"{type(error).__name__}: {error}"}
+        self.task._result = {"published": False, "reason": f"{type(error).__name__}: {error}", **self.yield_summary()}
         raise error
+
+    def yield_summary(self) -> dict[str, Any]:
+        """The round's waits for infer requests (``yielded_s``, ``yield_pauses``, ``yield_capped``) for the stats."""
+        if self.pause is None:
+            return {"yielded_s": 0.0, "yield_pauses": 0, "yield_capped": 0}
+        return self.pause.summary()
 
 
 def _fmt(value: float | None) -> str:
