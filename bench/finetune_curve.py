@@ -6,8 +6,8 @@ For each case (one structure of a real labelled volume, ``sample-data/real_data.
 - **ours**: a copy of the model fine-tuned on the k slices by the in-loop train task's recipe
   and budget: ``medsegx.budget`` decides the steps (``base_steps + steps_per_slice x`` training
   slices), the epochs (``StructureBalancedSampler`` with the plan's epoch length, as the
-  task's loader), the validation slices (the training slices below 8 labelled slices, every
-  5th of them from 8 on) and the early stop (``EarlyStop``: best-validating weights kept);
+  task's loader), the validation slices (the training slices below 16 labelled slices, every
+  5th of them from 16 on) and the early stop (``EarlyStop``: best-validating weights kept);
   each step is ``medsegx.steps.train_step`` with the task's box jitter. ``k = 0`` is the
   zero-shot model. Dice of the mask chosen by predicted IoU (what the infer task returns).
 - **unet**: MONAI Label's recipe for a single structure, the radiology app's
@@ -19,17 +19,20 @@ For each case (one structure of a real labelled volume, ``sample-data/real_data.
 
 Both are scored on the same 256 x 256 grid (the model frame: longest side -> 256, padded),
 sigmoid > 0.5 for ours, argmax for the UNet, on the same evaluation slices for every k:
-``--eval-slices`` of the structure's slices, evenly spread; the k training slices are the
-middles of k equal parts of the other slices. Each seed changes
-the box jitter and the slice order (ours) and the initialisation and order (UNet); rows are
-mean +- sd over seeds. ``cross``: the model tuned on the largest k of the case, scored on
+``--eval-slices`` of the structure's slices, evenly spread (fewer where the largest k would
+not find enough other slices). The k labelled slices are the first k of a random order of the
+other slices, one order per seed, so the sets are nested (k = 4 includes k = 2's slices, as an
+annotator's labels accumulate). Each seed changes that order, the box jitter and the sampling
+order (ours) and the initialisation and order (UNet); rows are mean +- sd over seeds. The
+encoder's outputs are computed once per case and shared by every round (``EncoderMemo``: the
+rounds keep the served encoder). ``cross``: the model tuned on the largest k of the case, scored on
 ``--cross-case`` (the same structure in another volume, e.g. TotalSegmentator's CT pancreas ->
 its MR pancreas), against the zero-shot model and the UNet of that k.
 
 Real data (cached in ``sample-data/real/``): TotalSegmentator's reference CT / MR (its masks are
 **model-made**), Colin27 with the **hand-drawn** AAL atlas, MNI152 tissue maps.
 
-CPU cost: about (steps x ~3 s + validations x ~1.8 s) for ours and the same again for the UNet,
+CPU cost: about (labelled slices x ~1 s + steps x ~0.2 s) for ours and the same again for the UNet,
 per case, seed and k, with one torch thread (a 2-core machine: run cases in parallel processes
 with ``--threads 1``). ``--save-tuned`` writes ours' weights of the largest k and first seed
 (``medsegx.checkpoint.publish_checkpoint``) for ``bench/regression.py``.
@@ -129,11 +132,20 @@ def load_volume(name: str) -> Volume:
     return Volume(name, prepared, mask, slices, context, real.model_made)
 
 
-def split_slices(volume: Volume, ks, eval_count: int) -> tuple[dict[int, list[int]], list[int]]:
-    """The evaluation slices (evenly spread), then each k's training slices from the others."""
-    eval_set = evenly_spaced(volume.slices, eval_count, ends=False)
+def evaluation_slices(volume: Volume, eval_count: int, largest_k: int) -> list[int]:
+    """``eval_count`` slices evenly spread over the structure, fewer where ``largest_k`` others must stay to label."""
+    return evenly_spaced(volume.slices, max(1, min(eval_count, len(volume.slices) - largest_k)), ends=False)
+
+
+def labelled_sets(volume: Volume, eval_set: list[int], ks, seed: int) -> dict[int, list[int]]:
+    """Each k's labelled slices: the first k of a seeded random order of the non-evaluation slices.
+
+    The sets are nested (the 4 labelled slices include the 2), as an annotator's labels
+    accumulate; each seed draws another order, so the mean over seeds averages the choice.
+    """
     candidates = [z for z in volume.slices if z not in set(eval_set)]
-    return {k: evenly_spaced(candidates, k, ends=False) for k in ks if k > 0}, eval_set
+    order = np.random.default_rng(seed).permutation(candidates).tolist()
+    return {k: sorted(order[:k]) for k in ks if k > 0}
 
 
 # -- ours: the train task's budget, sampler, validation and early stop around train_step --------
@@ -149,7 +161,7 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
     generator = torch.Generator().manual_seed(seed)
     optimizer = build_optimizer(model, lr)
     memo = EncoderMemo()  # as the train task: a frozen encoder runs once per slice
-    stopper = EarlyStop(plan.patience)
+    stopper = EarlyStop(plan.patience, plan.first_stop_epoch)
     cpu_start, steps, epoch = time.process_time(), 0, 0
     for epoch in range(1, plan.epochs + 1):
         for index in sampler:
@@ -158,6 +170,8 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
             batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator)[None]
             train_step(model, batch, optimizer, memo=memo)
             steps += 1
+        if epoch < plan.first_stop_epoch:
+            continue  # not a candidate yet (EarlyStop would ignore it): no validation
         scores = [val_step(model, {key: value[None] for key, value in val_items[i].items()}, memo=memo)["dice"].item()
                   for i in val_sampler]
         if stopper.update(statistics.mean(scores), epoch, model):
@@ -168,8 +182,10 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
             "val_slices": len(val_sampler)}
 
 
-def evaluate(model, items: list[dict]) -> list[float]:
-    return [val_step(model, {key: value[None] for key, value in item.items()})["dice"].item() for item in items]
+def evaluate(model, items: list[dict], memo: EncoderMemo | None = None) -> list[float]:
+    """Dice per item; ``memo``: the case's encoder outputs, shared by every round (a round leaves the encoder as is)."""
+    return [val_step(model, {key: value[None] for key, value in item.items()}, memo=memo)["dice"].item()
+            for item in items]
 
 
 # -- the anchor: MONAI Label's single-structure UNet recipe, from scratch -------------------------
@@ -217,18 +233,21 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
              cross: Volume | None, save_tuned: Path | None, progress=None) -> list[dict]:
     """Rows per k: Dice of ours and the UNet per seed; ``progress(rows)`` after every seed's curve."""
     volume = load_volume(name)
-    sets, eval_set = split_slices(volume, ks, eval_count)
+    largest = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else None
+    eval_set = evaluation_slices(volume, eval_count, largest or 0)
     logger.info("%s: %d slices with the structure; evaluation on %s", name, len(volume.slices), eval_set)
+    # the encoder is the served one in every round (adapters frozen): its outputs are computed once per case
+    memo = None if INLOOP_TRAIN_ADAPTERS else EncoderMemo(capacity=len(eval_set) + eval_count + 8)
     eval_items = volume.items(base_model, eval_set)
     cross_items = cross.items(base_model, evenly_spaced(cross.slices, eval_count, ends=False)) if cross else []
-    zero_shot = statistics.mean(evaluate(base_model, eval_items))
-    cross_zero_shot = statistics.mean(evaluate(base_model, cross_items)) if cross_items else None
-    largest = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else None
+    zero_shot = statistics.mean(evaluate(base_model, eval_items, memo))
+    cross_zero_shot = statistics.mean(evaluate(base_model, cross_items, memo)) if cross_items else None
     rows = {k: {"case": name, "k": k, "model_made": volume.model_made, "eval_slices": len(eval_set),
-                "train_slices": sets.get(k, []), "ours": [], "unet": []} for k in sorted(ks)}
+                "train_slices": [], "ours": [], "unet": []} for k in sorted(ks)}
     if 0 in rows and cross_items:
         rows[0]["cross_ours"] = []
     for seed in seeds:  # a whole curve per seed: an interrupted run still has complete curves
+        sets = labelled_sets(volume, eval_set, ks, seed)
         for k in sorted(ks):
             row = rows[k]
             if k == 0:
@@ -237,17 +256,18 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
                     row["cross_ours"].append(cross_zero_shot)
                 continue
             model = copy.deepcopy(base_model)
+            row["train_slices"].append(sets[k])
             train_items = volume.items(model, sets[k])
             info = finetune(model, train_items, budget, lr, seed)
             unet, unet_steps = train_unet(train_items, UNET_CPU_S or info["cpu_s"], seed)
-            row["ours"].append(statistics.mean(evaluate(model, eval_items)))
+            row["ours"].append(statistics.mean(evaluate(model, eval_items, memo)))
             row["unet"].append(statistics.mean(evaluate_unet(unet, eval_items)))
             for key, value in (("steps", info["steps"]), ("planned_steps", info["planned_steps"]),
                                ("best_epoch", info["best_epoch"]), ("cpu_s", info["cpu_s"]),
                                ("unet_steps", unet_steps)):
                 row.setdefault(key, []).append(value)
             if cross_items and k == largest:
-                row.setdefault("cross_ours", []).append(statistics.mean(evaluate(model, cross_items)))
+                row.setdefault("cross_ours", []).append(statistics.mean(evaluate(model, cross_items, memo)))
                 row.setdefault("cross_unet", []).append(statistics.mean(evaluate_unet(unet, cross_items)))
             logger.info("%s k=%d seed %d: ours %.3f (%d/%d steps, best epoch %d, %.0f CPU s) unet %.3f (%d steps)",
                         name, k, seed, row["ours"][-1], info["steps"], info["planned_steps"], info["best_epoch"],
@@ -320,7 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=INLOOP_LR, help="the train task's default")
-    parser.add_argument("--eval-slices", type=int, default=6)
+    parser.add_argument("--eval-slices", type=int, default=16,
+                        help="evaluation slices per case (fewer where the largest k must still find slices to label)")
     parser.add_argument("--unet-cpu-s", type=float, default=None,
                         help="a fixed CPU budget for the UNet anchor (default: the seconds ours took on that k)")
     parser.add_argument("--val-slices-per-structure", type=int, default=VAL_SLICES_PER_STRUCTURE,

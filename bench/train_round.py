@@ -110,13 +110,18 @@ def train_status(url: str) -> dict:
     return response.json() if response.status_code == 200 else {}
 
 
-def idle_latencies(client: BoxClient, count: int, runtime: str | None, timeout_s: float = 600) -> list[float]:
+def idle_latencies(client: BoxClient, count: int, runtime: str | None, think_s: float = 0.0,
+                   timeout_s: float = 600) -> list[float]:
     """``count`` idle latencies, after the server answers on ``runtime`` again (a reload recompiles)."""
     deadline = time.monotonic() + timeout_s
     while runtime is not None and time.monotonic() < deadline:
         if client.request()[1] == runtime:
             break
-    return [client.request()[0] for _ in range(count)]
+    latencies = []
+    for _ in range(count):
+        latencies.append(client.request()[0])
+        time.sleep(think_s)
+    return latencies
 
 
 def percentiles(values: list[float]) -> str:
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=8, help="idle requests before and after the round")
     parser.add_argument("--slices", type=int, default=8, help="labelled slices")
     parser.add_argument("--nice", type=int, default=None, help="the train request's nice (default: the task's)")
+    parser.add_argument("--think-s", type=float, default=0.0,
+                        help="pause between two box requests (0: back to back; an annotator takes seconds)")
+    parser.add_argument("--no-yield", action="store_true",
+                        help="the train request's yield_to_infer: false (SCHED_IDLE / nice alone)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -148,21 +157,31 @@ def main(argv: list[str] | None = None) -> int:
             runtime = None
             for _ in range(4):  # warm-up: first requests load and compile
                 runtime = client.request()[1]
+            deadline = time.monotonic() + 600  # the compiled runtime is exported in the background at start
+            while runtime == "eager" and os.environ.get("MEDSEGX_RUNTIME") != "eager" and time.monotonic() < deadline:
+                time.sleep(2)
+                runtime = client.request()[1]
             load_before = os.getloadavg()
-            idle = idle_latencies(client, args.requests, runtime)
+            idle = idle_latencies(client, args.requests, runtime, args.think_s)
 
             started = time.perf_counter()
-            body = {"images": [IMAGE], "publish": "always", **({"nice": args.nice} if args.nice is not None else {})}
+            body = {"images": [IMAGE], "publish": "always", **({"nice": args.nice} if args.nice is not None else {}),
+                    **({"yield_to_infer": False} if args.no_yield else {})}
             response = requests.post(f"{url}/train/medsegx", json=body)
             response.raise_for_status()
             during: list[float] = []
+            slow: list[tuple[float, float, str]] = []  # (seconds, at s after the POST, runtime)
             while train_status(url).get("status") in ("SUBMITTED", "RUNNING"):
-                during.append(client.request()[0])
+                at = time.perf_counter() - started
+                seconds, answered_by = client.request()
+                during.append(seconds)
+                slow.append((seconds, at, answered_by))
+                time.sleep(args.think_s)
             round_s = time.perf_counter() - started
             load_during = os.getloadavg()
             task = train_status(url)
             stats = requests.get(f"{url}/info/", timeout=30).json().get("train_stats", {}).get("medsegx", {})
-            idle += idle_latencies(client, args.requests, runtime)
+            idle += idle_latencies(client, args.requests, runtime, args.think_s)
             load_after = os.getloadavg()
         finally:
             server.stop()
@@ -171,14 +190,20 @@ def main(argv: list[str] | None = None) -> int:
               f"train task total_time {stats.get('total_time', '?')}; budget {result.get('budget')}; "
               f"epochs run {result.get('epochs')}, best epoch {result.get('best_epoch')}; "
               f"val Dice {result.get('best_val_dice')} vs served {result.get('baseline_val_dice')}; "
-              f"published {result.get('published')}")
+              f"published {result.get('published')}; yielded {result.get('yielded_s', '-')} s to requests "
+              f"({result.get('yield_pauses', '-')} pauses, {result.get('yield_capped', '-')} capped)")
         print("| infer, 2D box, cache miss | n | p50 / p95 s |")
         print("|---|---|---|")
         print(f"| idle (before + after) | {len(idle)} | {percentiles(idle)} |")
         if during:
             print(f"| during the round | {len(during)} | {percentiles(during)} |")
             ratio = np.percentile(during, 50) / np.percentile(idle, 50)
-            print(f"\np50 during / p50 idle = {ratio:.2f}; runtime {runtime}; load average (1, 5, 15 min) "
+            ratio95 = np.percentile(during, 95) / np.percentile(idle, 95)
+            print("slowest during the round: " + ", ".join(f"{seconds:.2f} s at {at:.0f} s ({answered_by})"
+                                                          for seconds, at, answered_by in sorted(slow)[::-1][:5]))
+            print(f"\np50 during / p50 idle = {ratio:.2f}; p95 during / p95 idle = {ratio95:.2f}; "
+                  f"think time {args.think_s} s; yield_to_infer {not args.no_yield}; runtime {runtime}; "
+                  f"load average (1, 5, 15 min) "
                   f"before {load_before}, at the round's end {load_during}, after {load_after}")
     return 0
 

@@ -30,7 +30,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 from lib import allocator, auth, compat
-from lib.background import in_background_process, start_background_low
+from lib.background import BACKGROUND_NICE, BACKGROUND_SCHED_IDLE, in_background_process, start_background_low
 from lib.concurrency import InferQueue, install_in_server
 from lib.configs.medsegx import MedSegX
 from lib.dicomweb import PACSDatastore
@@ -55,6 +55,8 @@ class MedSegXApp(MONAILabelApp):
         # the server marks its interactive work for the background train task (lib/interactive.py);
         # the train process builds this app too, and must not overwrite the server's marker
         marker = None if in_background_process() else InteractiveMarker(marker_path(self.model_dir))
+        if not in_background_process():  # before MONAI Label starts the start-up scoring task
+            compat.start_background_tasks_low(BACKGROUND_NICE, BACKGROUND_SCHED_IDLE)
         self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT,
                                       marker=marker)
         self.models = {"medsegx": MedSegX()}

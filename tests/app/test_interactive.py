@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -172,6 +173,25 @@ def test_every_thread_of_a_background_process_runs_at_sched_idle_and_nice_19():
     assert len(threads) >= 3  # main, the thread started before, the one started after (and torch's)
     assert {entry["policy"] for entry in threads.values()} == {report["idle"]}, threads
     assert min(entry["nice"] for entry in threads.values()) >= 19, threads
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and shutil.which("chrt") and shutil.which("nice")),
+                    reason="needs Linux's SCHED_IDLE and the chrt (util-linux) and nice (coreutils) tools")
+def test_monai_label_starts_its_background_tasks_low_from_their_first_instruction(monkeypatch):
+    """docs/MONAILABEL_COMPAT.md #11: the command MONAI Label runs for a task starts under SCHED_IDLE, nice 19."""
+    from monailabel.utils.async_tasks import utils as task_utils
+
+    from lib import compat
+
+    monkeypatch.setattr(task_utils, "subprocess", subprocess)  # restored after the test
+    prefix = compat.start_background_tasks_low(19, sched_idle=True)
+    assert prefix == ["chrt", "--idle", "0", "nice", "-n", "19"]
+    assert compat.start_background_tasks_low(19, sched_idle=True) == prefix  # idempotent: prefixed once
+    probe = "import os; print(os.sched_getscheduler(0) == os.SCHED_IDLE, os.getpriority(os.PRIO_PROCESS, 0))"
+    process = task_utils.subprocess.Popen([sys.executable, "-c", probe], stdout=task_utils.subprocess.PIPE,
+                                          stderr=task_utils.subprocess.STDOUT, universal_newlines=True)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and output.split() == ["True", "19"], output
 
 
 # -- the real server ----------------------------------------------------------------------

@@ -26,7 +26,7 @@ import requests
 
 from medsegx.build import build_model
 from medsegx.checkpoint import load_checkpoint
-from medsegx.runtime import adapters_inert
+from medsegx.runtime import adapters_inert, default_cache_dir, ir_folder, ir_paths, runtime_available, weights_digest
 from medsegx.taxonomy import resolve
 
 from lib.interactive import BUSY, IDLE, marker_path
@@ -143,6 +143,10 @@ def test_train_publishes_a_checkpoint_that_infer_uses(server, client, datastore_
     assert metadata["parent_model_version"] == served_before
     assert metadata["training_set"]["structures"] == result["training_set"]["structures"]
     assert (published.parent / "medsegx.prev.pth").is_file() == had_checkpoint
+    if runtime_available() is None:  # the round converted the published weights' graphs for the server
+        folder = ir_folder(default_cache_dir(), weights_digest(tuned))  # the server's own cache key
+        assert all(path.is_file() for path in ir_paths(folder, tuned=True)), sorted(folder.parent.glob("*"))
+        assert result["graphs_converted_s"] > 0  # before publishing: the server cannot have converted them
     assert not list(published.parent.glob(".*.tmp"))
 
     # the next request runs on it, without a restart
@@ -199,15 +203,16 @@ def test_failed_training_leaves_the_served_model(server, client, datastore_image
 
 
 def test_the_budget_sets_the_epochs_and_a_plateau_stops_the_round(server, client, datastore_images, published):
-    """No max_epochs: the budget plans the round; with lr 0 no epoch validates better, so it stops early."""
-    run_training(server, client, {"images": [TRAIN_IMAGE], "lr": 0.0, "weight_decay": 0.0, "base_steps": 8,
-                                  "steps_per_slice": 0, "min_epoch_steps": 1, "slices_per_structure": 1,
+    """No max_epochs: the budget plans the round; with lr 0 no epoch validates better, so it stops early
+    (from the first epoch past ``base_steps``)."""
+    run_training(server, client, {"images": [TRAIN_IMAGE], "lr": 0.0, "weight_decay": 0.0, "base_steps": 2,
+                                  "steps_per_slice": 8, "max_steps": 8, "min_epoch_steps": 1, "slices_per_structure": 1,
                                   "val_slices_per_structure": 1, "early_stop_patience": 1, "tracking": "None"})
     task = wait_for_task(server.url, "train")
     assert task["status"] == "DONE", "\n".join(task.get("details", []))
     log = server.log_tail(4000)  # the task's details keep only its last lines
     # liver and spleen, one slice each per epoch: 8 steps = 4 epochs of 2
-    assert "-> 8 steps: 4 epoch(s) of 2, early stop after 1 epoch(s)" in log
+    assert "-> 8 steps: 4 epoch(s) of 2, early stop from epoch 1 after 1 epoch(s)" in log
     assert "medsegx train: early stop after 1 epoch(s) without a better validation Dice" in log
     result = client.info()["train_stats"][MODEL]["medsegx"]
     assert result["budget"]["epochs"] == 4 and result["budget"]["steps"] == 8

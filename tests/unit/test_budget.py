@@ -22,6 +22,9 @@ def test_steps_grow_with_the_labelled_slices_up_to_the_ceiling():
         assert plan.epochs == math.ceil(budget.steps(slices) / plan.epoch_steps)
         assert plan.steps == plan.epochs * plan.epoch_steps >= budget.steps(slices)
     assert budget.plan(16, slices_per_epoch=16, batch_size=4).epoch_steps == 4
+    assert budget.plan(1, slices_per_epoch=1).first_stop_epoch == 2  # base_steps 8 = 2 epochs of 4
+    assert FinetuneBudget(base_steps=48, steps_per_slice=8).plan(8, 8).first_stop_epoch == 6
+    assert FinetuneBudget(base_steps=0).plan(1, 1).first_stop_epoch == 1
     with pytest.raises(ValueError, match="train_slices=0"):
         budget.plan(0, 0)
     with pytest.raises(ValueError, match="min_epoch_steps"):
@@ -64,6 +67,11 @@ def test_early_stop_keeps_the_best_weights_and_stops_after_patience():
     assert torch.equal(model.state_dict()[key], best)
     never = EarlyStop(patience=0)
     assert not any(never.update(0.1, epoch, model) for epoch in range(1, 6))
+    late = EarlyStop(patience=1, first_epoch=3)  # the dip of a round's first steps is never kept
+    assert late.update(0.9, 1, model) is False and late.update(0.1, 2, model) is False
+    assert late.best is None and late.best_weights is None
+    assert late.update(0.5, 3, model) is False and (late.best, late.best_epoch) == (0.5, 3)
+    assert late.update(0.4, 4, model) is True
     unvalidated = EarlyStop(patience=1)
     assert unvalidated.update(None, 1, model) is False and unvalidated.update(None, 2, model) is False
     assert unvalidated.best_epoch == 2  # nothing to validate on: the last epoch is kept

@@ -1,7 +1,7 @@
 """The app's side of the MONAI Label 0.8.5 workarounds listed in ``docs/MONAILABEL_COMPAT.md``.
 
 That document is the one place that lists the breakages and every fix; this module holds
-two of the three that live in the app (the third, #6, has a module of its own):
+three of the four that live in the app (the third, #6, has a module of its own):
 
 - **#2 MLflow file store.** MLflow 3 / MONAI 1.6 refuse MONAI Label's default
   ``file://<model>/mlruns`` tracking store. :func:`configure_tracking` makes the conf keys
@@ -26,6 +26,14 @@ two of the three that live in the app (the third, #6, has a module of its own):
   MONAI handles as a missing optional package; it has to run before ``monailabel.main`` imports
   MONAI, so it runs from this file as the server's launcher (:func:`serve`, ``scripts/start.sh``).
   MONAI Label's train and scoring tasks run in processes of their own and import them all.
+
+- **#11 background tasks start at the server's priority.** MONAI Label starts a train, scoring
+  or batch-infer task as ``python -m monailabel.interfaces.utils.app`` (``async_tasks/utils.py``)
+  at the server's priority; the task's first seconds (importing torch, MONAI and the app) then
+  compete with interactive requests as equals before ``main.py`` can lower the process's
+  priority. :func:`start_background_tasks_low` (called from ``MedSegXApp.__init__`` in the
+  server) starts those commands under ``chrt --idle 0`` and ``nice -n 19`` when the tools exist
+  (util-linux and coreutils), so the whole task runs low from its first instruction.
 
 Not in that list but also MONAI Label's: a failing app constructor reaches the log as a
 uvicorn start-up traceback of some forty lines; :func:`one_line_startup_errors` keeps only the
@@ -114,6 +122,36 @@ def ensure_dcmqi_on_path() -> str:
             "pip install dcmqi (MONAI Label would otherwise download dcmqi from GitHub); see docs/MONAILABEL_COMPAT.md #3"
         )
     return found
+
+
+def start_background_tasks_low(nice: int, sched_idle: bool) -> list[str]:
+    """Start MONAI Label's background task processes under ``chrt --idle 0`` / ``nice -n <nice>`` (#11).
+
+    Replaces the ``subprocess`` that ``monailabel.utils.async_tasks.utils`` starts its tasks
+    with by one whose ``Popen`` prefixes the command (the tools ``exec`` the task, so its pid, and
+    MONAI Label's way of stopping it, stay the same). Idempotent.
+
+    Returns:
+        The prefix (empty when neither tool is installed or both are off).
+    """
+    import subprocess
+    import types
+
+    from monailabel.utils.async_tasks import utils as task_utils
+
+    prefix: list[str] = []
+    if sched_idle and shutil.which("chrt"):
+        prefix += ["chrt", "--idle", "0"]
+    if nice > 0 and shutil.which("nice"):
+        prefix += ["nice", "-n", str(int(nice))]
+    if prefix and task_utils.subprocess is subprocess:
+
+        def popen(command, *args, **kwargs):
+            return subprocess.Popen([*prefix, *command], *args, **kwargs)
+
+        task_utils.subprocess = types.SimpleNamespace(Popen=popen, PIPE=subprocess.PIPE, STDOUT=subprocess.STDOUT)
+        logger.info("background tasks start under: %s", " ".join(prefix))
+    return prefix
 
 
 def skip_unused_imports(packages: tuple[str, ...] = SERVER_UNUSED_PACKAGES) -> list[str]:
