@@ -159,7 +159,7 @@ def test_volume_split_and_slice_hold_out(tmp_path):
 def _monitor(tmp_path, policy, baseline, best):
     model = build_model("tiny_vit", pretrained=False)
     task = SimpleNamespace(publish_path=tmp_path / "model" / "medsegx.pth", VAL_METRIC_MEAN_DICE="val_mean_dice",
-                           _result={})
+                           _result={}, interactive_yield=lambda request: None)  # no server to yield to
     context = SimpleNamespace(request={"publish": policy, "lr": 1e-4}, network=model, parent_version="served-1",
                               run_id="run", optimizer=None, build_report=BuildReport(volumes=["a"], slices=3))
     monitor = FineTuneMonitor(task, context)
@@ -229,11 +229,11 @@ def test_strategy_without_scores_falls_back_to_the_first_image():
 
 def test_best_validating_weights_are_kept(tmp_path):
     task = SimpleNamespace(publish_path=tmp_path / "model" / "medsegx.pth", VAL_METRIC_MEAN_DICE="val_mean_dice",
-                           _result={})
+                           _result={}, interactive_yield=lambda request: None)
     context = SimpleNamespace(request={"publish": "improved", "lr": 1e-4},
                               network=build_model("tiny_vit", pretrained=False), parent_version="served-1",
                               run_id="run", optimizer=None, build_report=BuildReport(volumes=["a"], slices=3),
-                              plan=SimpleNamespace(patience=2))
+                              plan=SimpleNamespace(patience=2, first_stop_epoch=1))
     monitor = FineTuneMonitor(task, context)
     monitor.baseline = 0.5
     task.TRAIN_METRIC_MEAN_DICE = "train_mean_dice"
