@@ -5,11 +5,12 @@ temporary folder, so nothing is published into the checkout), labels the CT phan
 8 evenly spread slices only (``PUT /datastore/label`` of a new image ``round8``, as a client
 saves a label; MONAI Label's automatic uncertainty scoring is off, so that nothing else runs)
 and runs ``POST /train/medsegx`` with the task's defaults (the background
-process MONAI Label starts: one torch thread, ``nice`` +10; ``medsegx.budget`` decides the
-steps; ``publish: always`` so the round ends in a publish and a model reload).
+process MONAI Label starts: one torch thread, nice 19 and ``SCHED_IDLE``, pausing between steps
+while a request runs unless ``--no-yield``; ``medsegx.budget`` decides the steps;
+``publish: always`` so the round ends in a publish and a model reload).
 
 Latency: one client sends 2D box requests on the liver, a new slice each time (an embedding
-cache miss: the encoder runs, what an annotator waits for), back to back:
+cache miss: the encoder runs, what an annotator waits for), ``--think-s`` apart (0: back to back):
 
 (the server runs with ``cache_size 0``, so every request runs the encoder; a cache hit stops
 the benchmark):
@@ -20,10 +21,11 @@ the benchmark):
 
 Prints the round's wall time (``POST`` to done, from the client, and the task's own
 ``/info`` train stats), the budget it chose, the latency p50 / p95 idle (1 and 3 pooled) and
-during training, their ratio, and the load average (``os.getloadavg``) beside the timings:
-other work on the machine changes the timings, so read the ratio, measured in one run.
+during training, their ratios, the five slowest boxes of the round, and the load average
+(``os.getloadavg``) beside the timings: other work on the machine changes the timings, so read
+the ratio, measured in one run.
 
-Run: ``python bench/train_round.py [--requests 8] [--slices 8]``.
+Run: ``python bench/train_round.py [--requests 8] [--slices 8] [--think-s 1] [--no-yield] [--nice N]``.
 """
 
 from __future__ import annotations
@@ -169,13 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                     **({"yield_to_infer": False} if args.no_yield else {})}
             response = requests.post(f"{url}/train/medsegx", json=body)
             response.raise_for_status()
-            during: list[float] = []
-            slow: list[tuple[float, float, str]] = []  # (seconds, at s after the POST, runtime)
+            boxes: list[tuple[float, str, float]] = []  # (seconds, runtime, at s after the POST) of each box
             while train_status(url).get("status") in ("SUBMITTED", "RUNNING"):
                 at = time.perf_counter() - started
-                seconds, answered_by = client.request()
-                during.append(seconds)
-                slow.append((seconds, at, answered_by))
+                boxes.append((*client.request(), at))
                 time.sleep(args.think_s)
             round_s = time.perf_counter() - started
             load_during = os.getloadavg()
@@ -195,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         print("| infer, 2D box, cache miss | n | p50 / p95 s |")
         print("|---|---|---|")
         print(f"| idle (before + after) | {len(idle)} | {percentiles(idle)} |")
+        during = [seconds for seconds, _, _ in boxes]
         if during:
             print(f"| during the round | {len(during)} | {percentiles(during)} |")
             ratio = np.percentile(during, 50) / np.percentile(idle, 50)
             ratio95 = np.percentile(during, 95) / np.percentile(idle, 95)
             print("slowest during the round: " + ", ".join(f"{seconds:.2f} s at {at:.0f} s ({answered_by})"
-                                                          for seconds, at, answered_by in sorted(slow)[::-1][:5]))
+                                                          for seconds, answered_by, at in sorted(boxes)[::-1][:5]))
             print(f"\np50 during / p50 idle = {ratio:.2f}; p95 during / p95 idle = {ratio95:.2f}; "
                   f"think time {args.think_s} s; yield_to_infer {not args.no_yield}; runtime {runtime}; "
                   f"load average (1, 5, 15 min) "

@@ -54,8 +54,10 @@ class MedSegXApp(MONAILabelApp):
 
         # the server marks its interactive work for the background train task (lib/interactive.py);
         # the train process builds this app too, and must not overwrite the server's marker
-        marker = None if in_background_process() else InteractiveMarker(marker_path(self.model_dir))
-        if not in_background_process():  # before MONAI Label starts the start-up scoring task
+        marker = None
+        if not in_background_process():
+            marker = InteractiveMarker(marker_path(self.model_dir))
+            # before MONAI Label starts the start-up scoring task (docs/MONAILABEL_COMPAT.md #11)
             compat.start_background_tasks_low(BACKGROUND_NICE, BACKGROUND_SCHED_IDLE)
         self.infer_queue = InferQueue(self.settings.infer_queue, monailabel_settings.MONAI_LABEL_INFER_TIMEOUT,
                                       marker=marker)

@@ -178,9 +178,14 @@ class ModelStore:
         return EMBEDDED_LITE_VERSION if self.settings.backbone == "lite" else f"sam-{self.settings.backbone}"
 
 
+def configured_runtime_mode() -> str:
+    """``$MEDSEGX_RUNTIME`` (``auto`` | ``openvino`` | ``eager``), default ``auto``: how the server serves."""
+    return os.environ.get("MEDSEGX_RUNTIME", "auto").strip() or "auto"
+
+
 def runtime_mode() -> str:
-    """``$MEDSEGX_RUNTIME`` (``auto`` | ``openvino`` | ``eager``), default ``auto``; always eager in
-    MONAI Label's background train / scoring processes (no export there)."""
+    """``configured_runtime_mode()`` in the server; always eager in MONAI Label's background train /
+    scoring processes (no export there)."""
     if in_background_process():
         return "eager"
-    return os.environ.get("MEDSEGX_RUNTIME", "auto").strip() or "auto"
+    return configured_runtime_mode()

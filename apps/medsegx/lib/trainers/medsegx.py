@@ -73,7 +73,7 @@ from monailabel.tasks.train.basic_train import BasicTrainTask, Context
 from lib.background import BACKGROUND_NICE, BACKGROUND_SCHED_IDLE, limit_background_cpu
 from lib.interactive import YIELD_CAP_S, YIELD_GRACE_S, InteractiveYield, marker_path
 from lib.labelled_slices import BuildReport, SliceSetBuilder, hold_out_slices, labelled_volumes, split_volumes
-from lib.model_store import ModelStore
+from lib.model_store import ModelStore, configured_runtime_mode
 from lib.trainers.item_transforms import RandJitterBoxd, ToModelInputd
 
 logger = logging.getLogger(__name__)
@@ -275,10 +275,8 @@ class MedSegXTrain(BasicTrainTask):
             context.parent_version = loaded.version
             checkpoint = loaded.checkpoint
         contexts = {tuple(sample["context"]) for sample in [*context.train_datalist, *context.val_datalist]}
-        train_adapters = context.request.get("train_adapters", INLOOP_TRAIN_ADAPTERS)
-        if not isinstance(train_adapters, bool):
-            raise ValueError(f"train request train_adapters={train_adapters!r} must be true or false")
-        model.tune_decoder_for(contexts, adapters=train_adapters)
+        adapters = _flag(context.request, "train_adapters", self._config["train_adapters"])
+        model.tune_decoder_for(contexts, adapters=adapters)
         context.encoder_memo = EncoderMemo()  # frozen encoder: each slice is encoded once per round
         logger.info("medsegx train: starting from %s (%s); tuned decoder for %d context(s)", context.parent_version,
                     checkpoint or "backbone weights", len(model.tuned_context_set()))
@@ -591,7 +589,7 @@ def prepare_serving_graphs(network) -> float | None:
     Returns:
         Seconds spent converting, or ``None`` when nothing was converted.
     """
-    if os.environ.get("MEDSEGX_RUNTIME", "auto").strip() == "eager":
+    if configured_runtime_mode() == "eager":  # the server never exports
         return None
     start = time.perf_counter()
     try:
