@@ -7,7 +7,7 @@ Two parts, each in processes of its own:
   (``/proc/self/status`` ``RssAnon`` and ``RssFile`` around each module load, less the modules
   it imported in turn) to its package; printed: the totals as the stock ``monailabel
   start_server`` imports and as the app's launcher does (``apps/medsegx/lib/compat.py``, which
-  skips what the server never uses), and the largest packages of the stock imports, each with
+  skips what the server never uses and defers MONAI Label's DICOM conversion module with SimpleITK), and the largest packages of the stock imports, each with
   the package that first imported it (``python -X importtime`` gives the same tree, with times).
 - **server**: ``bench/server_infer.py``'s server (``bench/soak.py``'s, the app's defaults:
   OpenVINO, a 64-entry embedding cache, prefetch of 16 slices) on its 512 x 512 x ``--depth``
@@ -95,7 +95,9 @@ def import_child(skip_unused: bool) -> None:
     bootstrap._load_unlocked = measured_load
     start = status_mib()
     if skip_unused:  # as the app's launcher does
-        app_compat().skip_unused_imports()
+        compat = app_compat()
+        compat.skip_unused_imports()
+        compat.defer_dicom_conversion()
     sys.path.insert(0, str(APP_DIR))
     import monailabel.app  # noqa: F401  (what uvicorn imports first)
 
@@ -118,7 +120,8 @@ def import_table(top: int) -> None:
     stock, launched = imports(skip_unused=False), imports(skip_unused=True)
     skipped = app_compat().SERVER_UNUSED_PACKAGES
     for how, result in (("the stock `monailabel start_server`", stock),
-                        (f"the app's launcher (skipping {', '.join(skipped)})", launched)):
+                        (f"the app's launcher (skipping {', '.join(skipped)}; DICOM conversion deferred)",
+                         launched)):
         print(f"Imports as {how}: RSS {result['start']['VmRSS']:.0f} MiB at start, "
               f"{result['monailabel.app']['VmRSS']:.0f} after monailabel.app, {result['app']['VmRSS']:.0f} after the "
               f"app's main.py (anon {result['app']['RssAnon']:.0f}, file {result['app']['RssFile']:.0f}).")

@@ -79,6 +79,33 @@ def test_skipped_packages_look_uninstalled_to_monai_and_torch():
     assert out.split() == [*str(skipped).split(), *str([False] * len(skipped)).split(), "None", "False"]
 
 
+def test_dicom_conversion_is_imported_on_first_use_and_works():
+    """The launcher's stand-in for MONAI Label's convert module: importing what the server imports
+    loads neither SimpleITK nor pydicom-seg; the first conversion does, and converts as before."""
+    out = run_python(
+        "import sys, tempfile, numpy as np, nibabel as nib\n"
+        "from lib import compat\n"
+        "compat.skip_unused_imports(); print('OUT', compat.defer_dicom_conversion())\n"
+        "import monailabel.app\n"
+        "from monailabel.endpoints.infer import binary_to_image\n"
+        "from monailabel.datastore.dicom import DICOMWebDatastore\n"
+        "print('OUT', 'SimpleITK' in sys.modules, 'pydicom_seg' in sys.modules)\n"
+        "folder = tempfile.mkdtemp()\n"
+        "affine = np.diag([0.8, 0.8, 2.5, 1.0])\n"
+        "nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), affine), folder + '/image.nii.gz')\n"
+        "label = (np.arange(120) % 3).astype(np.uint8).reshape((6, 5, 4), order='F')\n"
+        "label.ravel(order='F').tofile(folder + '/label.bin')\n"
+        "written = nib.load(binary_to_image(folder + '/image.nii.gz', folder + '/label.bin'))\n"
+        "print('OUT', np.array_equal(np.asarray(written.dataobj), label), np.allclose(written.affine, affine))\n"
+        "import monailabel.datastore.utils.convert as convert\n"
+        "print('OUT', 'SimpleITK' in sys.modules, type(convert).__name__, convert.nifti_to_dicom_seg.__module__)\n"
+        "print('OUT', compat.defer_dicom_conversion())\n"
+    )
+    lines = [line.split()[1:] for line in out.splitlines() if line.startswith("OUT ")]  # monailabel.app prints too
+    assert lines == [["True"], ["False", "False"], ["True", "True"],
+                     ["True", "module", "monailabel.datastore.utils.convert"], ["False"]], out
+
+
 def glibc() -> bool:
     try:
         return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
@@ -96,8 +123,9 @@ def test_large_buffers_are_mapped_unless_the_environment_says_otherwise():
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the server's /proc/<pid>/maps")
 def test_launcher_serves_without_the_unused_packages(sample_data, server_launcher, tmp_path):
     """The real server started as scripts/start.sh starts it answers a box; no shared library of a
-    skipped package (pandas, pyarrow, triton, matplotlib, scikit-learn) is mapped into it, SimpleITK's
-    (MONAI Label imports it) is; the allocator setting is in effect (its log line)."""
+    skipped package (pandas, pyarrow, triton, matplotlib, scikit-learn) is mapped into it, nor
+    SimpleITK's (MONAI Label's DICOM conversion module is deferred until used); the allocator
+    setting is in effect (its log line)."""
     app_dir = server_launcher.copy_app(tmp_path / "app")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -121,7 +149,7 @@ def test_launcher_serves_without_the_unused_packages(sample_data, server_launche
         mapped = Path(f"/proc/{process.pid}/maps").read_text()
         for package in compat.SERVER_UNUSED_PACKAGES:
             assert f"/site-packages/{package}/" not in mapped, package
-        assert "/site-packages/SimpleITK/" in mapped
+        assert "/site-packages/SimpleITK/" not in mapped
         assert "malloc: buffers of 128 KiB or more are mapped" in log.read_text()
     finally:
         process.send_signal(signal.SIGINT)

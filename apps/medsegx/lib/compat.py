@@ -26,6 +26,9 @@ three of the four that live in the app (the third, #6, has a module of its own):
   MONAI handles as a missing optional package; it has to run before ``monailabel.main`` imports
   MONAI, so it runs from this file as the server's launcher (:func:`serve`, ``scripts/start.sh``).
   MONAI Label's train and scoring tasks run in processes of their own and import them all.
+  SimpleITK (92 MiB, with pydicom-seg) is needed, but only to convert DICOM and DICOM SEG:
+  :func:`defer_dicom_conversion` imports MONAI Label's ``convert`` module, and with it both, on
+  the first call of one of its functions instead of at start-up.
 
 - **#11 background tasks start at the server's priority.** MONAI Label starts a train, scoring
   or batch-infer task as ``python -m monailabel.interfaces.utils.app`` (``async_tasks/utils.py``)
@@ -48,11 +51,16 @@ task answers 422 "label is required" / "roi is required" when ``params`` did not
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import logging
 import os
 import shutil
 import sys
 import sysconfig
+import threading
+import types
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ DCMQI_TOOL = "itkimage2segimage"
 #: Installed packages that only MONAI's eager optional imports load into the server process (#10);
 #: the server never calls them: training (MLflow, TensorBoard) and scoring run in their own processes.
 SERVER_UNUSED_PACKAGES = ("triton", "pandas", "pyarrow", "mlflow", "matplotlib", "sklearn", "tensorboard")
+#: MONAI Label's DICOM <-> NIfTI / DICOM SEG conversions: the server's only importer of pydicom-seg and SimpleITK (#10).
+DICOM_CONVERSION_MODULE = "monailabel.datastore.utils.convert"
 
 
 class _LastLineOnly(logging.Filter):
@@ -171,9 +181,84 @@ def skip_unused_imports(packages: tuple[str, ...] = SERVER_UNUSED_PACKAGES) -> l
     return skipped
 
 
+class _DeferredModule(types.ModuleType):
+    """Stands in ``sys.modules`` for a module until one of its functions is called (#10).
+
+    ``from <module> import <function>`` binds a forwarder that imports the real module on its
+    first call and calls the real function; any other attribute imports it at once. The real
+    module then replaces this one in ``sys.modules``, so later imports get it directly.
+    """
+
+    def __init__(self, name: str, origin: str, functions: list[str]):
+        super().__init__(name, f"{name}, imported on first use (apps/medsegx/lib/compat.py)")
+        self.__file__ = origin
+        self._real_module: types.ModuleType | None = None
+        self._import_lock = threading.Lock()
+        for function_name in functions:
+            setattr(self, function_name, self._forwarder(function_name))
+
+    def _forwarder(self, function_name: str):
+        def forward(*args, **kwargs):
+            return getattr(self._real(), function_name)(*args, **kwargs)
+
+        forward.__name__ = forward.__qualname__ = function_name
+        forward.__module__ = self.__name__
+        return forward
+
+    def _real(self) -> types.ModuleType:
+        with self._import_lock:
+            if self._real_module is None:
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
+                try:
+                    self._real_module = importlib.import_module(self.__name__)
+                except BaseException:
+                    sys.modules.setdefault(self.__name__, self)
+                    raise
+                logger.info("imported %s on first use", self.__name__)
+            return self._real_module
+
+    def __getattr__(self, attribute: str):  # only for names __init__ did not set
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return getattr(self._real(), attribute)
+
+
+def defer_dicom_conversion(module_name: str = DICOM_CONVERSION_MODULE) -> bool:
+    """Import MONAI Label's DICOM conversion module (and SimpleITK, pydicom-seg) on first use (#10).
+
+    ``monailabel.endpoints.infer`` and the DICOMweb datastore import its functions at module
+    level, which loads SimpleITK (92 MiB) into every server, also one that never converts a
+    DICOM series or writes a DICOM SEG. A :class:`_DeferredModule` takes its place: its
+    functions are forwarders named from the module's source (``ast``, nothing is imported),
+    so the first conversion imports it (a one-off cost on that request) and behaves as before.
+    Must run before anything imports the module; a no-op when it is imported already or missing.
+
+    Returns:
+        True when the stand-in was installed.
+    """
+    if module_name in sys.modules:
+        return False
+    top, _, rest = module_name.partition(".")
+    package = importlib.util.find_spec(top)  # finds the top-level package without importing it
+    if package is None or not package.submodule_search_locations:
+        return False
+    origin = os.path.join(package.submodule_search_locations[0], *rest.split(".")) + ".py"
+    try:
+        with open(origin, encoding="utf-8") as source:
+            tree = ast.parse(source.read(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    sys.modules[module_name] = _DeferredModule(module_name, origin, functions)
+    return True
+
+
 def serve(argv: list[str]) -> int:
-    """``monailabel <argv>`` (``monailabel.main``) after :func:`skip_unused_imports`: the server's launcher."""
+    """``monailabel <argv>`` (``monailabel.main``) after :func:`skip_unused_imports` and
+    :func:`defer_dicom_conversion`: the server's launcher."""
     skip_unused_imports()
+    defer_dicom_conversion()
     from monailabel.main import Main  # imports MONAI
 
     sys.argv = ["monailabel", *argv]
