@@ -1,10 +1,16 @@
-"""lib.frames.LoadedImages / file_stamp: a loaded image is reused only while its file is unchanged."""
+"""lib.frames.LoadedImages / file_stamp: a loaded image is reused only while its file is unchanged;
+once prepared, only its header is kept (ReleasedVolume) and PreparedVolumes reads pixels only on a miss."""
 
 from __future__ import annotations
 
 import os
 
-from lib.frames import LoadedImages, file_stamp
+import numpy as np
+import pytest
+
+from lib.frames import LoadedImages, PreparedVolumes, ReleasedVolume, file_stamp
+from lib.modality import choose_modality, intensity_range
+from medsegx.taxonomy import resolve
 
 
 def test_a_rewritten_file_or_series_gets_a_new_stamp(tmp_path):
@@ -37,3 +43,47 @@ def test_the_cache_keeps_the_newest_and_ignores_unstamped(tmp_path):
     assert images.get(file_stamp(str(b))) is None
     images.put(None, {"image": "C"})
     assert images.get(None) is None
+
+
+def test_released_pixels_leave_the_header_and_fail_loudly_if_read(tmp_path):
+    images = LoadedImages(capacity=1)
+    volume = tmp_path / "ct.nii.gz"
+    volume.write_bytes(b"ct")
+    stamp = file_stamp(str(volume))
+    pixels = np.full((4, 5, 3), -1000, dtype=np.int16)
+    pixels[0, 0, 0] = 1200
+    images.put(stamp, {"image": pixels, "image_meta_dict": {"affine": np.eye(4)}})
+    released = ReleasedVolume(pixels.shape, pixels.shape, None, intensity_range(pixels))
+    images.release_pixels(stamp, released)
+
+    kept = images.get(stamp)
+    assert kept["image"] is released and np.array_equal(kept["image_meta_dict"]["affine"], np.eye(4))
+    with pytest.raises(TypeError, match="released"):
+        np.asarray(kept["image"])
+    # the modality detected from the header is the one detected from the pixels
+    assert choose_modality(None, None, released.intensity_range) == choose_modality(None, None, pixels)
+    assert choose_modality(None, None, released.intensity_range).modality == "CT"
+
+    images.put(("other",), {"image": "B"})  # evicts the header; releasing it again is a no-op
+    images.release_pixels(stamp, released)
+    assert images.get(stamp) is None
+
+
+def test_prepared_volumes_read_the_pixels_only_on_a_miss():
+    prepared = PreparedVolumes(capacity=1)
+    volume_xyz = np.linspace(-1000, 1000, 6 * 7 * 2).reshape(6, 7, 2).astype(np.int16)
+    reads = []
+
+    def read() -> np.ndarray:
+        reads.append(1)
+        return volume_xyz
+
+    liver, lung = resolve("liver", "CT"), resolve("lung", "CT")
+    first, hit = prepared.get("soft", read, "CT", liver)
+    assert not hit and len(reads) == 1 and "soft" in prepared
+    again, hit = prepared.get("soft", read, "CT", liver)
+    assert hit and again is first and len(reads) == 1
+    # the same pixels as preparing from the array itself
+    assert np.array_equal(first, PreparedVolumes().get("x", volume_xyz, "CT", liver)[0])
+    other, hit = prepared.get("lung", read, "CT", lung)  # another window: read again, the first is evicted
+    assert not hit and len(reads) == 2 and "soft" not in prepared and not np.array_equal(other, first)

@@ -118,3 +118,33 @@ def test_a_second_request_does_not_read_the_image_again(prefetching_server, live
     masks = [np.asarray(nib.load(f).dataobj) for f in (file_a, file_b)]
     assert np.array_equal(*masks) and masks[0].any()
     assert np.allclose(nib.load(file_a).affine, nib.load(file_b).affine)
+
+
+def test_a_prepared_volume_serves_without_its_pixels_and_another_window_reads_the_file(prefetching_server, liver):
+    """Once prepared, the server keeps only the volume's header (lib.frames.ReleasedVolume): the next
+    request on it does not read the file; a label in another CT window does (``image_read_again``),
+    and a window whose prepared volume was evicted gives the same mask as when the pixels were loaded."""
+    client = prefetching_server.client()
+    z = int(np.flatnonzero(liver.any(axis=(0, 1)))[2])
+    roi = liver_roi(liver, z, z)
+    client.infer(MODEL, "ct_phantom_unlabelled", {"label": "liver", "roi": roi})  # evicts ct_phantom's image
+
+    def infer(label: str) -> tuple[np.ndarray, dict]:
+        file, result = client.infer(MODEL, "ct_phantom", {"label": label, "roi": roi})
+        read = "LoadImaged" in ((result["latencies"].get("transform") or {}).get("pre") or {})
+        return np.asarray(nib.load(file).dataobj), {**result["latencies"]["model"], "loaded": read}
+
+    liver_loaded, loaded = infer("liver")  # reads the file, prepares the soft-tissue window, lets the pixels go
+    assert loaded["loaded"] and not loaded["image_read_again"] and liver_loaded.any()
+    _, lung = infer("lung")  # lung window: not prepared yet
+    assert not lung["loaded"] and lung["image_read_again"] and not lung["prepared_volume_cached"]
+    _, lung_again = infer("lung")
+    assert not lung_again["loaded"] and not lung_again["image_read_again"] and lung_again["prepared_volume_cached"]
+    _, bone = infer("femur")  # bone window: read again; the soft-tissue volume leaves the 2-volume cache
+    assert bone["image_read_again"]
+    liver_reread, again = infer("liver")
+    assert again["image_read_again"] and not again["loaded"]
+    if again["runtime"] == loaded["runtime"]:
+        assert np.array_equal(liver_reread, liver_loaded)
+    else:  # the OpenVINO graphs became ready in between
+        assert dice(liver_reread[..., z] > 0, liver_loaded[..., z] > 0) >= 0.99

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,16 @@ class _LRU:
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def replace(self, key: Hashable, change: Callable[[Any], Any]) -> None:
+        """``value = change(value)`` for a kept ``key`` (its place in the order is left as it is)."""
+        with self._lock:
+            if key in self._items:
+                self._items[key] = change(self._items[key])
+
 
 class PreparedVolumes:
     """A small LRU of volumes prepared to uint8 ``(Z, H, W)`` for the predictor.
@@ -112,14 +123,23 @@ class PreparedVolumes:
     def __init__(self, capacity: int = 2):
         self._items = _LRU(capacity)
 
-    def get(self, key: Hashable, volume_xyz: np.ndarray, modality: str, context: TaskContext) -> tuple[np.ndarray, bool]:
-        """Prepared ``(Z, H, W)`` uint8 for ``key`` (built from ``volume_xyz`` on a miss); (array, hit)."""
+    def get(self, key: Hashable, volume_xyz: np.ndarray | Callable[[], np.ndarray], modality: str,
+            context: TaskContext) -> tuple[np.ndarray, bool]:
+        """Prepared ``(Z, H, W)`` uint8 for ``key``; (array, hit).
+
+        On a miss it is built from ``volume_xyz``: the ``(X, Y, Z)`` volume, or a function that
+        returns it (called only then: the infer task reads a file again whose pixels it let go).
+        """
         prepared = self._items.get(key)
         if prepared is not None:
             return prepared, True
-        prepared = prepare_volume(volume_to_zhw(volume_xyz), modality, context, channels=1)
+        volume = volume_xyz() if callable(volume_xyz) else volume_xyz
+        prepared = prepare_volume(volume_to_zhw(volume), modality, context, channels=1)
         self._items.put(key, prepared)
         return prepared, False
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
 
 
 def file_stamp(path: str) -> tuple | None:
@@ -136,16 +156,40 @@ def file_stamp(path: str) -> tuple | None:
         return None
 
 
+@dataclass(frozen=True)
+class ReleasedVolume:
+    """A loaded volume whose pixels were let go once prepared (``PreparedVolumes``): what the
+    infer task still needs of it, and no pixels (``LoadedImages.release_pixels``).
+
+    Attributes:
+        shape: the loaded image's shape (MONAI's ``(X, Y, Z)``, a 2D frame's ``(X, Y)`` ...).
+        volume_shape: ``(X, Y, Z)`` as ``loaded_volume_xyz`` makes it.
+        affine: the loaded image's affine (``MetaTensor.affine``), or ``None``.
+        intensity_range: the voxels' ``(min, max)``: what modality detection reads.
+    """
+
+    shape: tuple[int, ...]
+    volume_shape: tuple[int, int, int]
+    affine: Any
+    intensity_range: tuple[float, float]
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("the pixels of this volume were released; read the file again (MedSegXInfer)")
+
+
 class LoadedImages:
     """The images the last requests loaded (MONAI's ``LoadImaged`` output), by file stamp.
 
     Reading a volume is most of a 2D request once its slice is encoded: a 512 x 512 x 160 CT
     ``.nii.gz`` takes ~1 s to decompress on this 2-core machine, the box 0.1 s
     (``bench/server_infer.py``). Keyed by ``file_stamp``, so a rewritten file is read again.
-    The cached arrays are shared by requests and never written to.
+    The cached arrays are shared by requests and never written to. Once a volume is prepared
+    the infer task keeps only its ``ReleasedVolume`` here (``release_pixels``): requests are
+    served from the prepared volume (``PreparedVolumes``), and the file is read again only for
+    another intensity preparation (a CT window or modality not prepared yet).
 
     Args:
-        capacity: images kept (a 512 x 512 x 300 int16 CT is 150 MiB).
+        capacity: images kept (a 512 x 512 x 300 int16 CT is 150 MiB until it is prepared).
     """
 
     def __init__(self, capacity: int = 1):
@@ -158,3 +202,8 @@ class LoadedImages:
     def put(self, stamp: tuple | None, loaded: dict) -> None:
         if stamp is not None:
             self._items.put(stamp, dict(loaded))
+
+    def release_pixels(self, stamp: tuple | None, released: ReleasedVolume) -> None:
+        """Keep ``released`` instead of the pixels of the image loaded under ``stamp`` (if still kept)."""
+        if stamp is not None:
+            self._items.replace(stamp, lambda loaded: {**loaded, "image": released})

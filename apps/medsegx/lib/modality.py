@@ -78,14 +78,20 @@ def dicom_modality_tag(image_path: str | os.PathLike) -> str | None:
     return None
 
 
-def detect_from_intensities(array: np.ndarray) -> str:
-    """``CT`` when the values span Hounsfield air and bone, else ``MRI``."""
-    low, high = float(np.min(array)), float(np.max(array))
+def intensity_range(array: np.ndarray) -> tuple[float, float]:
+    """``(min, max)`` of the values: all that :func:`detect_from_intensities` reads."""
+    return float(np.min(array)), float(np.max(array))
+
+
+def detect_from_intensities(array: np.ndarray | tuple[float, float]) -> str:
+    """``CT`` when the values (or their ``(min, max)``) span Hounsfield air and bone, else ``MRI``."""
+    low, high = array if isinstance(array, tuple) else intensity_range(array)
     return "CT" if low < CT_MIN_BELOW and high > CT_MAX_ABOVE else "MRI"
 
 
-def choose_modality(requested: str | None, image_path: str | None, array: np.ndarray) -> ModalityChoice:
-    """Apply the precedence above.
+def choose_modality(requested: str | None, image_path: str | None,
+                    array: np.ndarray | tuple[float, float]) -> ModalityChoice:
+    """Apply the precedence above; ``array``: the image, or its ``intensity_range``.
 
     Raises:
         ValueError: ``requested`` is not a modality name (the message lists the accepted ones).

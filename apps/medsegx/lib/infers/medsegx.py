@@ -28,7 +28,9 @@ The result label has the input's shape and affine (NIfTI for volumes and DICOM s
 with nibabel; PNG for pictures or another ``result_extension`` by MONAI Label's ``Writer``); the
 result JSON adds the label name and its map value, the taxonomy path, the chosen mask's predicted
 IoU, the model version and the model's latencies (``latencies.model``, with ``cache_hit`` and
-``runtime``: ``openvino`` or ``eager``).
+``runtime``: ``openvino`` or ``eager``; for a volume ``prepared_volume_cached`` and
+``image_read_again``: its pixels were released once prepared, and another CT window or modality
+read the file again).
 """
 
 from __future__ import annotations
@@ -51,15 +53,17 @@ from lib import guards
 from lib.frames import (
     LoadedImages,
     PreparedVolumes,
+    ReleasedVolume,
     file_stamp,
     intensity_signature,
     is_picture,
+    loaded_volume_xyz,
     mask_zhw_to_xyz,
     picture_to_rgb,
 )
 from lib.infers.prompt import Prompt, RequestError, check_required, parse_label, parse_prompt
 from lib.labels import LabelMap
-from lib.modality import choose_modality
+from lib.modality import choose_modality, intensity_range
 from lib.model_store import ModelStore
 from lib.prefetch import NeighbourPrefetcher
 from lib.settings import AppSettings
@@ -145,39 +149,67 @@ class MedSegXInfer(BasicInferTask):
     def run_pre_transforms(self, data: dict[str, Any], transforms):
         image_path = data.get("image_path")
         stamp = file_stamp(image_path) if isinstance(image_path, str) else None
+        data["image_stamp"] = stamp
         cached = self.loaded_images.get(stamp)
         if cached is not None:  # the same file as a recent request: its header and pixels passed the checks then
             data.update(cached)
             return data
-        guards.check_image_file(image_path, self.settings.max_voxels)  # header only, before loading
+        data = self._load(data, transforms)
+        self.loaded_images.put(stamp, {key: data[key] for key in ("image", "image_meta_dict") if key in data})
+        return data
+
+    def _load(self, data: dict[str, Any], transforms) -> dict[str, Any]:
+        """MONAI's ``LoadImaged`` on the request's file, checked (header first, then the pixels)."""
+        guards.check_image_file(data.get("image_path"), self.settings.max_voxels)  # header only, before loading
         try:
             data = super().run_pre_transforms(data, transforms)
         except Exception as err:  # unreadable / unsupported file: the client's input, not a server fault
             raise RequestError(f"cannot read image {data.get('image_path')}: {type(err).__name__}: {err}") from err
         guards.check_loaded(data["image"])
-        self.loaded_images.put(stamp, {key: data[key] for key in ("image", "image_meta_dict") if key in data})
         return data
+
+    def _reload_volume(self, image_path: str) -> np.ndarray:
+        """The ``(X, Y, Z)`` pixels of a volume whose loaded pixels were released, read from its file again."""
+        fresh = {"image": image_path, "image_path": image_path}
+        image = self._load(fresh, self.pre_transforms(fresh))["image"]
+        return loaded_volume_xyz(image.array if isinstance(image, MetaTensor) else image)
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch=True, device="cuda"):
         image = data["image"]
         image_path = data.get("image_path") if isinstance(data.get("image_path"), str) else None
-        array = image.array if isinstance(image, MetaTensor) else np.asarray(image)
         picture = is_picture(image_path)
-        if not picture and array.ndim == 4 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if not picture and array.ndim == 2:
-            array = array[..., None]  # a 2D NIfTI / DICOM frame: a one-slice volume
-        if (picture and array.ndim not in (2, 3)) or (not picture and array.ndim != 3):
-            raise RequestError(f"expected a 3D volume or a 2D picture, the image has shape {tuple(image.shape)}")
-        spatial_shape = array.shape[:2] if picture else array.shape
+        if isinstance(image, ReleasedVolume):  # prepared by an earlier request (LoadedImages.release_pixels)
+            array, released, spatial_shape = None, image, image.volume_shape
+        else:
+            array = image.array if isinstance(image, MetaTensor) else np.asarray(image)
+            if not picture and array.ndim == 4 and array.shape[-1] == 1:
+                array = array[..., 0]
+            if not picture and array.ndim == 2:
+                array = array[..., None]  # a 2D NIfTI / DICOM frame: a one-slice volume
+            if (picture and array.ndim not in (2, 3)) or (not picture and array.ndim != 3):
+                raise RequestError(f"expected a 3D volume or a 2D picture, the image has shape {tuple(image.shape)}")
+            spatial_shape = array.shape[:2] if picture else array.shape
+            released = None if picture else ReleasedVolume(
+                tuple(image.shape), array.shape, image.affine if isinstance(image, MetaTensor) else None,
+                intensity_range(array))
 
         label_name = parse_label(data, self.label_map.labels, self.settings.default_label)
         prompt = parse_prompt(data, spatial_shape, propagate=_flag(data.get("propagate", True)))
         try:
-            modality = choose_modality(data.get("modality"), image_path, array)
+            modality = choose_modality(data.get("modality"), image_path,
+                                       array if released is None else released.intensity_range)
         except ValueError as err:
             raise RequestError(str(err)) from None
         context = resolve(label_name, modality.modality)
+        reread = False
+        if not picture:
+            key = _image_key(image_path, intensity_signature(modality.modality, context))
+            if array is None and key not in self.prepared:  # another window or modality: read the file again
+                array, reread = self._reload_volume(image_path), True
+            # the prepared volume serves this image from now on: only its header stays (80 MiB less for a
+            # 512 x 512 x 160 int16 CT); this request's pixels go when it returns
+            self.loaded_images.release_pixels(data.get("image_stamp"), released)
+            data["image"] = released
 
         with self.store.use() as loaded:
             try:
@@ -185,9 +217,10 @@ class MedSegXInfer(BasicInferTask):
                     _, label_xyz, model_json = self._predict_picture(loaded.predictor, array, prompt, context, image_path)
                 else:
                     mask_zhw, model_json, neighbourhood = self._predict_volume(
-                        loaded.predictor, array, prompt, context, modality.modality, image_path
+                        loaded.predictor, array, prompt, context, modality.modality, key, image_path
                     )
                     label_xyz = mask_zhw_to_xyz(mask_zhw)
+                    model_json["model_latencies"]["image_read_again"] = reread
             except ValueError as err:  # the predictor validates prompts (e.g. a click outside the image)
                 raise RequestError(str(err)) from None
         if not picture and self.prefetcher is not None:  # idle time: encode the neighbouring slices
@@ -200,11 +233,11 @@ class MedSegXInfer(BasicInferTask):
         dtype = np.uint8 if voxel_value <= np.iinfo(np.uint8).max else np.uint16
         label = np.zeros(spatial_shape, dtype=dtype)
         label[label_xyz] = voxel_value
-        if not picture and len(image.shape) == 2:
+        if not picture and len(released.shape) == 2:
             label = label[..., 0]  # back to the input's 2D shape
         if dtype != np.uint8 and str(data.get("result_dtype", "")).lower() == "uint8":
             data["result_dtype"] = "uint16"  # a uint8 result would wrap the label value
-        affine = image.affine if isinstance(image, MetaTensor) else None
+        affine = released.affine if released is not None else image.affine if isinstance(image, MetaTensor) else None
         data["pred"] = MetaTensor(label, affine=affine) if affine is not None else label
 
         data["result"] = {
@@ -233,11 +266,14 @@ class MedSegXInfer(BasicInferTask):
         prediction = _predict_slice(predictor, image_hw, prompt, context, _image_key(image_path, "picture"), 0)
         return prediction, np.swapaxes(prediction.mask, 0, 1), _prediction_json(prediction)
 
-    def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, image_path):
-        """(mask (Z, H, W), model JSON, (prepared volume, first and last slice segmented, cache key))."""
-        signature = intensity_signature(modality, context)
-        key = _image_key(image_path, signature)
-        prepared, prepared_hit = self.prepared.get(key, array, modality, context)
+    def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, key, image_path):
+        """(mask (Z, H, W), model JSON, (prepared volume, first and last slice segmented, cache key)).
+
+        ``array``: the ``(X, Y, Z)`` pixels, or ``None`` when they were released (the prepared volume
+        ``key`` is then cached, else the file is read again).
+        """
+        source = array if array is not None else lambda: self._reload_volume(image_path)
+        prepared, prepared_hit = self.prepared.get(key, source, modality, context)
         depth, height, width = prepared.shape
         if not prompt.is_3d:
             z = prompt.slice_index
