@@ -7,8 +7,9 @@ Two parts, each in processes of its own:
   (``/proc/self/status`` ``RssAnon`` and ``RssFile`` around each module load, less the modules
   it imported in turn) to its package; printed: the totals as the stock ``monailabel
   start_server`` imports and as the app's launcher does (``apps/medsegx/lib/compat.py``, which
-  skips what the server never uses and defers MONAI Label's DICOM conversion module with SimpleITK), and the largest packages of the stock imports, each with
-  the package that first imported it (``python -X importtime`` gives the same tree, with times).
+  skips what the server never uses and defers MONAI Label's DICOM conversion module with
+  SimpleITK), and the largest packages of the stock imports, each with the package that first
+  imported it (``python -X importtime`` gives the same tree, with times).
 - **server**: ``bench/server_infer.py``'s server (``bench/soak.py``'s, the app's defaults:
   OpenVINO, a 64-entry embedding cache, prefetch of 16 slices) on its 512 x 512 x ``--depth``
   int16 CT phantom, driven by the stock Slicer client. After each phase, once the server is
