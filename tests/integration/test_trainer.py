@@ -36,8 +36,11 @@ from medsegx_training.engine import LRSchedule, evaluate
 from medsegx_training.reporting import read_steps
 from medsegx_training.trainer import run_training
 
-# Parameters and gradients of the DDP comparison: float32 sums in another order.
+# Parameters and gradients of the DDP comparison: float32 sums in another order. The gradient's
+# rounding grows with its size (a fresh clone on 2026-12-06 differed by 1.8e-7 on an element of
+# 0.048, 4e-6 relative), so it has a relative part too; a wrong average is off by a factor.
 GRAD_ATOL = 1e-7
+GRAD_RTOL = 1e-5
 PARAM_ATOL = 1e-6
 # AdamW's first update is lr * g / (|g| + 1e-8): for |g| near eps it amplifies rounding
 # noise, so the parameter check covers the elements whose gradient is well above eps.
@@ -168,7 +171,7 @@ def test_two_process_ddp_matches_one_process(medsegdb, tmp_path):
         weights = _trained_weights(other.output_dir / "last.pth")
         moved = 0
         for name, grad in grads.items():
-            torch.testing.assert_close(ddp_grads[name], grad, atol=GRAD_ATOL, rtol=0, msg=name)
+            torch.testing.assert_close(ddp_grads[name], grad, atol=GRAD_ATOL, rtol=GRAD_RTOL, msg=name)
             well_conditioned = grad.abs() > WELL_CONDITIONED_GRAD
             torch.testing.assert_close(ddp_weights[name][well_conditioned], weights[name][well_conditioned],
                                        atol=PARAM_ATOL, rtol=0, msg=name)
