@@ -25,12 +25,15 @@ other slices, one order per seed, so the sets are nested (k = 4 includes k = 2's
 annotator's labels accumulate). Each seed changes that order, the box jitter and the sampling
 order (ours) and the initialisation and order (UNet); rows are mean +- sd over seeds. The
 encoder's outputs are computed once per case and shared by every round (``EncoderMemo``: the
-rounds keep the served encoder). ``cross``: the model tuned on the largest k of the case, scored on
-``--cross-case`` (the same structure in another volume, e.g. TotalSegmentator's CT pancreas ->
-its MR pancreas), against the zero-shot model and the UNet of that k.
+rounds keep the served encoder). ``--cross CASE:OTHER``: the models tuned on CASE's k slices, scored
+on OTHER, the same structure in another volume of the same modality (Colin27's hand-drawn AAL
+hippocampus -> the MNI152 brain with the AAL labels carried over, ``mni_hippocampus``), against
+the zero-shot model and the UNet of that k. Another modality (CT pancreas -> MR pancreas) is
+routed by its own context, which a CT round does not tune: there ours equals zero-shot.
 
 Real data (cached in ``sample-data/real/``): TotalSegmentator's reference CT / MR (its masks are
-**model-made**), Colin27 with the **hand-drawn** AAL atlas, MNI152 tissue maps.
+**model-made**), Colin27 with the **hand-drawn** AAL atlas, MNI152 with the AAL atlas
+**transferred** from Colin27 (approximate), MNI152 tissue maps.
 
 CPU cost: about (labelled slices x ~1 s + steps x ~0.2 s) for ours and the same again for the UNet,
 per case, seed and k, with one torch thread (a 2-core machine: run cases in parallel processes
@@ -40,7 +43,7 @@ with ``--threads 1``). ``--save-tuned`` writes ours' weights of the largest k an
 Usage::
 
     python bench/finetune_curve.py [--cases ct_pancreas aal_hippocampus] [--ks 0 1 2 4 8] [--seeds 0 1 2]
-        [--eval-slices 6] [--cross ct_pancreas:mr_pancreas] [--threads 1] [--json out.json]
+        [--eval-slices 16] [--cross aal_hippocampus:mni_hippocampus ...] [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ CASES = {
     "aal_caudate": Case("colin27_aal", "caudate"),
     "aal_putamen": Case("colin27_aal", "putamen"),
     "mni_wm": Case("mni152", "white_matter"),
+    # the same AAL structures in a second brain (atlas-transferred labels): targets of --cross
+    "mni_hippocampus": Case("mni152_aal", "hippocampus"),
+    "mni_amygdala": Case("mni152_aal", "amygdala"),
+    "mni_caudate": Case("mni152_aal", "caudate"),
 }
 DEFAULT_CASES = ("ct_pancreas", "ct_stomach", "ct_spleen", "aal_hippocampus", "aal_amygdala", "aal_caudate")
 
@@ -266,7 +273,7 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
                                ("best_epoch", info["best_epoch"]), ("cpu_s", info["cpu_s"]),
                                ("unet_steps", unet_steps)):
                 row.setdefault(key, []).append(value)
-            if cross_items and k == largest:
+            if cross_items:
                 row.setdefault("cross_ours", []).append(statistics.mean(evaluate(model, cross_items, memo)))
                 row.setdefault("cross_unet", []).append(statistics.mean(evaluate_unet(unet, cross_items)))
             logger.info("%s k=%d seed %d: ours %.3f (%d/%d steps, best epoch %d, %.0f CPU s) unet %.3f (%d steps)",
@@ -275,6 +282,17 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             if save_tuned is not None and k == largest and seed == seeds[0]:
                 publish_checkpoint(model, save_tuned, {"trained_by": "bench/finetune_curve.py", "case": name,
                                                        "k": k, "seed": seed, "lr": lr})
+        if cross_items:  # the whole labelled volume, scored on the other volume only
+            whole = rows.setdefault("volume", {"case": name, "k": len(volume.slices), "whole_volume": True,
+                                               "model_made": volume.model_made, "cross_ours": [], "cross_unet": []})
+            model = copy.deepcopy(base_model)
+            info = finetune(model, volume.items(model, volume.slices), budget, lr, seed)
+            unet, _ = train_unet(volume.items(model, volume.slices), UNET_CPU_S or info["cpu_s"], seed)
+            whole["cross_ours"].append(statistics.mean(evaluate(model, cross_items, memo)))
+            whole["cross_unet"].append(statistics.mean(evaluate_unet(unet, cross_items)))
+            logger.info("%s whole volume (%d slices) seed %d: on the other volume ours %.3f unet %.3f (%d steps)",
+                        name, len(volume.slices), seed, whole["cross_ours"][-1], whole["cross_unet"][-1],
+                        info["steps"])
         if progress is not None:
             progress(list(rows.values()))
     return list(rows.values())
@@ -305,6 +323,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [f"| case | k | ours Dice (mean ± sd) | UNet Dice, {unet_budget} | steps (planned) | best epoch | CPU s |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
+        if row.get("whole_volume"):
+            continue  # scored on another volume only: cross_table
         star = "*" if row["model_made"] else ""
         steps = (f"{statistics.mean(row['steps']):.0f} ({statistics.mean(row['planned_steps']):.0f})"
                  if row.get("steps") else "0 (zero-shot)")
@@ -318,17 +338,18 @@ def markdown(rows: list[dict]) -> str:
 def summary(rows: list[dict]) -> str:
     lines = ["| case | ours rises monotonically | UNet reaches ours at |", "|---|---|---|"]
     for case in dict.fromkeys(row["case"] for row in rows):
-        case_rows = [row for row in rows if row["case"] == case]
+        case_rows = [row for row in rows if row["case"] == case and not row.get("whole_volume")]
         lines.append(f"| {case} | {'yes' if monotonic(case_rows) else 'no'} | {crossing(case_rows)} |")
     return "\n".join(lines)
 
 
 def cross_table(rows: list[dict], cross_name: str) -> str:
-    lines = [f"| tuned on | k | scored on {cross_name}: ours | UNet | zero-shot |", "|---|---|---|---|---|"]
+    lines = [f"| tuned on | labelled slices | scored on {cross_name}: ours | UNet | zero-shot |", "|---|---|---|---|---|"]
     zero = next((row["cross_ours"] for row in rows if row["k"] == 0 and "cross_ours" in row), None)
     for row in rows:
         if row["k"] > 0 and row.get("cross_ours"):
-            lines.append(f"| {row['case']} | {row['k']} | {_mean_sd(row['cross_ours'])} | "
+            labelled = f"all {row['k']} (whole volume)" if row.get("whole_volume") else str(row["k"])
+            lines.append(f"| {row['case']} | {labelled} | {_mean_sd(row['cross_ours'])} | "
                          f"{_mean_sd(row['cross_unet'])} | {_mean_sd(zero[:1]) if zero else '-'} |")
     return "\n".join(lines)
 
@@ -349,8 +370,9 @@ def main(argv=None) -> int:
     for name in ("base_steps", "steps_per_slice", "max_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
                             help=f"FinetuneBudget.{name} (default: the train task's, {getattr(FinetuneBudget, name)})")
-    parser.add_argument("--cross", default=None, metavar="CASE:OTHER",
-                        help="score CASE's largest-k models on OTHER (the same structure in another volume)")
+    parser.add_argument("--cross", nargs="+", default=[], metavar="CASE:OTHER",
+                        help="score CASE's models, and one tuned on its whole volume, on OTHER (the same structure "
+                             "in another volume)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-tuned", type=Path, default=None, help="checkpoint of the first case's largest k")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
@@ -362,8 +384,10 @@ def main(argv=None) -> int:
     budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
                                if getattr(args, name) is not None})
     base_model = build_model("lite")
-    cross_source, cross_target = args.cross.split(":") if args.cross else (None, None)
-    cross = load_volume(cross_target) if cross_target else None
+    cross_of = dict(pair.split(":", 1) for pair in args.cross if ":" in pair)
+    unknown = [pair for pair in args.cross if pair.split(":", 1)[-1] not in CASES or ":" not in pair]
+    if unknown:
+        parser.error(f"--cross takes CASE:OTHER with OTHER one of {', '.join(CASES)}; got {unknown}")
     rows: list[dict] = []
 
     def progress(case_rows: list[dict]) -> None:
@@ -372,16 +396,16 @@ def main(argv=None) -> int:
             args.json.write_text(json.dumps(rows + case_rows, indent=2))
 
     for index, name in enumerate(args.cases):
+        cross = load_volume(cross_of[name]) if name in cross_of else None
         rows.extend(run_case(name, base_model, sorted(set(args.ks)), args.seeds, budget, args.lr, args.eval_slices,
-                             cross if name == cross_source else None, args.save_tuned if index == 0 else None,
-                             progress))
+                             cross, args.save_tuned if index == 0 else None, progress))
     print()
     print(markdown(rows))
     print()
     print(summary(rows))
-    if cross_source in args.cases:
+    for source, target in cross_of.items():
         print()
-        print(cross_table([row for row in rows if row["case"] == cross_source], cross_target))
+        print(cross_table([row for row in rows if row["case"] == source], target))
     print(f"\n* = model-made (TotalSegmentator) masks. lr {args.lr}, seeds {args.seeds}, budget {budget}, "
           f"torch threads {args.threads}")
     if args.json:
