@@ -7,7 +7,8 @@ For each case (one structure of a real labelled volume, ``sample-data/real_data.
   and budget: ``medsegx.budget`` decides the steps (``base_steps + steps_per_slice x`` training
   slices), the epochs (``StructureBalancedSampler`` with the plan's epoch length, as the
   task's loader), the validation slices (the training slices below 16 labelled slices, every
-  5th of them from 16 on) and the early stop (``EarlyStop``: best-validating weights kept);
+  5th of them from 16 on) and the early stop (``EarlyStop``: best-validating weights kept; only
+  with held-out slices, i.e. from 16 labelled slices);
   each step is ``medsegx.steps.train_step`` with the task's box jitter. ``k = 0`` is the
   zero-shot model. Dice of the mask chosen by predicted IoU (what the infer task returns).
 - **unet**: MONAI Label's recipe for a single structure, the radiology app's
@@ -161,7 +162,8 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
     model.tune_decoder_for({tuple(item["context"].tolist()) for item in items}, adapters=INLOOP_TRAIN_ADAPTERS)
     train_index, val_index = split_for_validation(["structure"] * len(items), budget.holdout_min_slices)
     train_items, val_items = [items[i] for i in train_index], [items[i] for i in val_index]
-    plan = budget.plan(len(train_items), min(len(train_items), SLICES_PER_STRUCTURE))
+    plan = budget.plan(len(train_items), min(len(train_items), SLICES_PER_STRUCTURE),
+                       held_out=bool(set(val_index) - set(train_index)))
     sampler = StructureBalancedSampler(["structure"] * len(train_items), SLICES_PER_STRUCTURE, seed=seed,
                                        min_length=plan.epoch_steps)
     val_sampler = StructureBalancedSampler(["structure"] * len(val_items), VAL_SLICES_PER_STRUCTURE, shuffle=False)

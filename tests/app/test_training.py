@@ -204,9 +204,11 @@ def test_failed_training_leaves_the_served_model(server, client, datastore_image
 
 def test_the_budget_sets_the_epochs_and_a_plateau_stops_the_round(server, client, datastore_images, published):
     """No max_epochs: the budget plans the round; with lr 0 no epoch validates better, so it stops early
-    (from the first epoch past ``base_steps``)."""
+    (from the first epoch past ``base_steps``). ``holdout_min_slices`` 1: every structure holds slices
+    out (a round that validates on its training slices only never stops early)."""
     run_training(server, client, {"images": [TRAIN_IMAGE], "lr": 0.0, "weight_decay": 0.0, "base_steps": 2,
                                   "steps_per_slice": 8, "max_steps": 8, "min_epoch_steps": 1, "slices_per_structure": 1,
+                                  "holdout_min_slices": 1,
                                   "val_slices_per_structure": 1, "early_stop_patience": 1, "tracking": "None"})
     task = wait_for_task(server.url, "train")
     assert task["status"] == "DONE", "\n".join(task.get("details", []))

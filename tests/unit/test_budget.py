@@ -25,6 +25,9 @@ def test_steps_grow_with_the_labelled_slices_up_to_the_ceiling():
     assert budget.plan(1, slices_per_epoch=1).first_stop_epoch == 2  # base_steps 8 = 2 epochs of 4
     assert FinetuneBudget(base_steps=48, steps_per_slice=8).plan(8, 8).first_stop_epoch == 6
     assert FinetuneBudget(base_steps=0).plan(1, 1).first_stop_epoch == 1
+    # validating on the training slices alone: the whole budget, no early stop
+    assert budget.plan(4, 4, held_out=False).patience == 0 and budget.plan(4, 4).patience == budget.patience
+    assert "no early stop" in budget.plan(4, 4, held_out=False).describe()
     with pytest.raises(ValueError, match="train_slices=0"):
         budget.plan(0, 0)
     with pytest.raises(ValueError, match="min_epoch_steps"):

@@ -233,7 +233,9 @@ class MedSegXTrain(BasicTrainTask):
             raise ValueError("medsegx train: no usable training slice in the datastore's final labels"
                              + (f" (skipped: {'; '.join(report.skipped)})" if report.skipped else ""))
         context.build_report = report
-        context.plan = self.plan(context, budget, train_samples)
+        held_out = {(s.volume_id, s.structure, s.slice_index) for s in val_samples} - {
+            (s.volume_id, s.structure, s.slice_index) for s in train_samples}
+        context.plan = self.plan(context, budget, train_samples, held_out=bool(held_out))
         logger.info("medsegx train: %d training slice(s) from %s; %d validation slice(s) from %s",
                     len(train_samples), sorted({s.volume_id for s in train_samples}),
                     len(val_samples), sorted({s.volume_id for s in val_samples}))
@@ -247,14 +249,17 @@ class MedSegXTrain(BasicTrainTask):
         patience = int(request.get("early_stop_patience", budget.patience))
         return FinetuneBudget(**{**vars(budget), "patience": max(0, patience)})
 
-    def plan(self, context: Context, budget: FinetuneBudget, train_samples) -> BudgetPlan:
-        """The round's epochs from the number of training slices; an explicit ``max_epochs`` wins."""
+    def plan(self, context: Context, budget: FinetuneBudget, train_samples, held_out: bool = True) -> BudgetPlan:
+        """The round's epochs from the number of training slices; an explicit ``max_epochs`` wins.
+
+        ``held_out``: validation has slices not trained on; without, the round runs its whole
+        budget (``FinetuneBudget.plan``)."""
         per_structure = int(context.request.get("slices_per_structure", 8))
         counts: dict[str, int] = {}
         for sample in train_samples:
             counts[sample.structure] = counts.get(sample.structure, 0) + 1
         per_epoch = sum(min(n, per_structure) if per_structure > 0 else n for n in counts.values())
-        plan = budget.plan(len(train_samples), per_epoch, context.train_batch_size)
+        plan = budget.plan(len(train_samples), per_epoch, context.train_batch_size, held_out)
         explicit = int(context.request.get("max_epochs") or 0)
         if explicit > 0:  # MONAI Label's meaning: that many passes over the drawn slices, no repeats
             epoch_steps = math.ceil(max(1, per_epoch) / max(1, context.train_batch_size))
