@@ -288,8 +288,9 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             whole = rows.setdefault("volume", {"case": name, "k": len(volume.slices), "whole_volume": True,
                                                "model_made": volume.model_made, "cross_ours": [], "cross_unet": []})
             model = copy.deepcopy(base_model)
-            info = finetune(model, volume.items(model, volume.slices), budget, lr, seed)
-            unet, _ = train_unet(volume.items(model, volume.slices), UNET_CPU_S or info["cpu_s"], seed)
+            volume_items = volume.items(model, volume.slices)
+            info = finetune(model, volume_items, budget, lr, seed)
+            unet, _ = train_unet(volume_items, UNET_CPU_S or info["cpu_s"], seed)
             whole["cross_ours"].append(statistics.mean(evaluate(model, cross_items, memo)))
             whole["cross_unet"].append(statistics.mean(evaluate_unet(unet, cross_items)))
             logger.info("%s whole volume (%d slices) seed %d: on the other volume ours %.3f unet %.3f (%d steps)",
@@ -346,7 +347,8 @@ def summary(rows: list[dict]) -> str:
 
 
 def cross_table(rows: list[dict], cross_name: str) -> str:
-    lines = [f"| tuned on | labelled slices | scored on {cross_name}: ours | UNet | zero-shot |", "|---|---|---|---|---|"]
+    lines = [f"| tuned on | labelled slices | scored on {cross_name}: ours | UNet | zero-shot |",
+             "|---|---|---|---|---|"]
     zero = next((row["cross_ours"] for row in rows if row["k"] == 0 and "cross_ours" in row), None)
     for row in rows:
         if row["k"] > 0 and row.get("cross_ours"):
@@ -386,8 +388,8 @@ def main(argv=None) -> int:
     budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
                                if getattr(args, name) is not None})
     base_model = build_model("lite")
-    cross_of = dict(pair.split(":", 1) for pair in args.cross if ":" in pair)
-    unknown = [pair for pair in args.cross if pair.split(":", 1)[-1] not in CASES or ":" not in pair]
+    cross_of = dict(pair.partition(":")[::2] for pair in args.cross)
+    unknown = [f"{source}:{target}" for source, target in cross_of.items() if target not in CASES]
     if unknown:
         parser.error(f"--cross takes CASE:OTHER with OTHER one of {', '.join(CASES)}; got {unknown}")
     rows: list[dict] = []

@@ -509,6 +509,12 @@ def _write_axial_series(
 # --------------------------------------------------------------------------- samples
 
 
+def mni152_intensity(template) -> np.ndarray:
+    """The nilearn MNI152 template (0..1) as int16 0..``MNI152_INTENSITY_MAX``, in its own ``(X, Y, Z)`` layout."""
+    return np.round(np.clip(np.asarray(template.dataobj, dtype=np.float32), 0.0, 1.0)
+                    * MNI152_INTENSITY_MAX).astype(np.int16)
+
+
 def _build_mni152(out_dir: Path, labels_dir: Path, extra_dir: Path, series_dir: Path, gt_dir: Path) -> dict[str, Path]:
     """Write the MNI152 T1 template, its grey/white-matter label, its brain mask and its MR DICOM series."""
     from nilearn.datasets import (
@@ -527,8 +533,7 @@ def _build_mni152(out_dir: Path, labels_dir: Path, extra_dir: Path, series_dir: 
     )
     affine = t1.affine
 
-    intensity = np.asarray(t1.dataobj, dtype=np.float32)
-    intensity = np.round(np.clip(intensity, 0.0, 1.0) * MNI152_INTENSITY_MAX).astype(np.int16)
+    intensity = mni152_intensity(t1)
 
     # The probability maps overlap a little at the boundary: the more likely tissue wins.
     tissue = np.zeros(intensity.shape, dtype=np.uint8)

@@ -189,7 +189,7 @@ def mni152_case() -> Case:
 def mni152_aal_case(cache: Path = DEFAULT_CACHE) -> Case:
     """The MNI152 T1 (1 mm) with the Colin27 AAL structures transferred onto it (module doc)."""
     sys.path.insert(0, str(HERE))
-    from build_sample_data import MNI152_INTENSITY_MAX
+    from build_sample_data import mni152_intensity
     from nilearn.datasets import load_mni152_template  # the package's own copy: no download
 
     folder = fetch_mricron(cache)
@@ -204,9 +204,8 @@ def mni152_aal_case(cache: Path = DEFAULT_CACHE) -> Case:
     labels = np.zeros(voxels.shape[1], dtype=values.dtype)
     labels[inside] = values[tuple(atlas_voxels[:, inside])]
     labels = np.ascontiguousarray(labels.reshape(t1.shape).transpose(2, 1, 0))
-    image = np.round(np.clip(np.asarray(t1.dataobj, dtype=np.float32), 0.0, 1.0) * MNI152_INTENSITY_MAX)
     codes = _aal_codes(folder)
-    return Case("mni152_aal", "MRI", np.ascontiguousarray(image.astype(np.int16).transpose(2, 1, 0)),
+    return Case("mni152_aal", "MRI", np.ascontiguousarray(mni152_intensity(t1).transpose(2, 1, 0)),
                 {name: labels == codes[region] for name, region in AAL.items()},
                 note="AAL atlas transferred from Colin27 (approximate)")
 

@@ -95,7 +95,8 @@ class BudgetPlan:
     def describe(self) -> str:
         stop = (f"early stop from epoch {self.first_stop_epoch} after {self.patience} epoch(s) without a better "
                 "validation Dice" if self.patience else "no early stop (no held-out validation slice)")
-        return f"{self.train_slices} training slice(s) -> {self.steps} steps: {self.epochs} epoch(s) of {self.epoch_steps}, {stop}"
+        return (f"{self.train_slices} training slice(s) -> {self.steps} steps: {self.epochs} epoch(s) of "
+                f"{self.epoch_steps}, {stop}")
 
 
 @dataclass(frozen=True)
