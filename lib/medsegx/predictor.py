@@ -388,9 +388,11 @@ class Predictor:
         logits, iou = runtime.decode(entry.embeddings, boxes, prompt_points, context=entry.context)
         decode_ms = (time.perf_counter() - start) * 1000.0
 
+        # NumPy from here: PyTorch's threaded ops on these small arrays wait for the cores that
+        # OpenVINO's threads still hold after a call (``mask_from_model``)
         start = time.perf_counter()
-        logits = logits[0].float()
-        iou_values = iou[0].float().cpu().numpy()
+        logits = logits[0].detach().float().cpu().numpy()
+        iou_values = iou[0].detach().float().cpu().numpy()
         if select == "oracle":
             masks = mask_from_model(logits, info)
             scores = [dice(m, gt) for m in masks]
@@ -404,13 +406,11 @@ class Predictor:
             else:
                 chosen = int(select)
             mask = mask_from_model(logits[chosen], info)
-        chosen_logits = logits[chosen]
-        unsure = int((chosen_logits > -STABILITY_OFFSET).sum())
-        stability = float((chosen_logits > STABILITY_OFFSET).sum()) / unsure if unsure else 0.0
+        stability = _stability(logits[chosen])
         post_ms = (time.perf_counter() - start) * 1000.0
         return Prediction(
             mask=mask,
-            logits=logits.cpu().numpy().astype(np.float32, copy=False),
+            logits=logits,
             iou=iou_values,
             chosen=chosen,
             score=float(iou_values[chosen]),
@@ -527,13 +527,12 @@ class Predictor:
         decode_ms = (time.perf_counter() - start) * 1000.0
         start = time.perf_counter()
         best_index, best_score = 0, -1.0
+        logits, iou = logits.detach().float().cpu().numpy(), iou.detach().float().cpu().numpy()
         for index in range(len(boxes)):
-            chosen = int(torch.argmax(iou[index]))
-            candidate_logits = logits[index, chosen].float()
-            unsure = int((candidate_logits > -STABILITY_OFFSET).sum())
-            stability = float((candidate_logits > STABILITY_OFFSET).sum()) / unsure if unsure else 0.0
-            mask = mask_from_model(candidate_logits, info)
-            score = float(iou[index, chosen]) * stability * _click_agreement(mask, foreground, background)
+            chosen = int(np.argmax(iou[index]))
+            mask = mask_from_model(logits[index, chosen], info)
+            score = (float(iou[index, chosen]) * _stability(logits[index, chosen])
+                     * _click_agreement(mask, foreground, background))
             if score > best_score:
                 best_index, best_score = index, score
         post_ms = (time.perf_counter() - start) * 1000.0
@@ -828,7 +827,14 @@ def _propagated_box(previous: np.ndarray, margin: int, limit: np.ndarray) -> np.
     return box
 
 
-def _box_fit_choice(logits: torch.Tensor, iou: np.ndarray, box_model: np.ndarray, info) -> int:
+def _stability(logits: np.ndarray) -> float:
+    """SAM's stability score of one ``(256, 256)`` logit map: pixels above ``+STABILITY_OFFSET``
+    over pixels above ``-STABILITY_OFFSET`` (0 when none is)."""
+    unsure = np.count_nonzero(logits > -STABILITY_OFFSET)
+    return np.count_nonzero(logits > STABILITY_OFFSET) / unsure if unsure else 0.0
+
+
+def _box_fit_choice(logits: np.ndarray, iou: np.ndarray, box_model: np.ndarray, info) -> int:
     """``select="box_fit"``: the IoU choice, or the mask whose bounding box fits the prompt box when
     the IoU choice's fits poorly and that one's fits well (``BOX_FIT_POOR`` / ``BOX_FIT_GOOD``).
 
@@ -837,7 +843,7 @@ def _box_fit_choice(logits: torch.Tensor, iou: np.ndarray, box_model: np.ndarray
     """
     by_iou = int(np.argmax(iou))
     height, width = info.resized_size
-    masks = (logits[:, :height, :width] > 0).cpu().numpy()
+    masks = logits[:, :height, :width] > 0
     x0, y0 = float(box_model[0]), float(box_model[1])
     x1, y1 = float(box_model[2]) + info.scale, float(box_model[3]) + info.scale
     fits = []

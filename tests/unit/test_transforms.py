@@ -15,6 +15,7 @@ from medsegx.transforms import (
     ct_window_name,
     input_transform,
     intensity_bounds,
+    logits_from_model,
     mask_from_model,
     points_to_model,
     prepare_intensity,
@@ -232,6 +233,27 @@ def test_mask_from_model_crops_padding_and_resizes():
     extent = np.array([rows.min(), rows.max(), cols.min(), cols.max()])
     assert np.all(np.abs(extent - [75, 149, 150, 299]) <= 1)
     assert mask_from_model(logits[0], info).shape == (300, 600)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (512, 400), (100, 300), (120, 90), (1000, 3), (700, 1300)])
+def test_mask_from_model_is_the_threshold_of_pytorch_bilinear(size):
+    """The NumPy block resize gives the mask of ``logits_from_model`` (``F.interpolate``) > 0, for
+    up- and downsampling; pixels may differ only where the resized logit is float rounding from 0."""
+    info = resize_info(*size)
+    rng = np.random.default_rng(sum(size))
+    noise = rng.normal(-2.0, 1.5, (3, 256, 256)).astype(np.float32)  # scattered positive pixels
+    blob = -np.abs(noise)
+    blob[1, 100:140, 30:90] = 3.0  # one object
+    blob[2, :3, :3] = 1.0  # touching the corner
+    blob[0] = -1.0  # empty
+    for logits in (noise, blob):
+        resized = logits_from_model(torch.from_numpy(logits), info).numpy()
+        mask = mask_from_model(logits, info)
+        assert mask.shape == (3, *size) and mask.dtype == bool
+        differ = mask != (resized > 0)
+        assert differ.sum() <= 4 and np.all(np.abs(resized[differ]) < 1e-4)
+        assert np.array_equal(mask_from_model(torch.from_numpy(logits[1]), info), mask[1])
+    assert not mask_from_model(blob, info)[0].any()
 
 
 def test_box_validation_messages():
