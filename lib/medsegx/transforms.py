@@ -462,7 +462,9 @@ def validate_points(
 def content_key(image: np.ndarray) -> str:
     """Hash of an array's pixels, shape and dtype: the cache key of an image without a name
     (``Predictor``'s embedding cache, ``medsegx.steps.EncoderMemo``)."""
-    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
+    # SHA-1 (not a security boundary: an in-memory cache key): the CPU's SHA extension hashes a
+    # 512 x 512 x 3 slice in ~0.4 ms, BLAKE2b took ~0.85 ms of a ~22 ms cache hit
+    digest = hashlib.sha1(np.ascontiguousarray(image).data)
     digest.update(repr((image.shape, image.dtype.str)).encode())
     return digest.hexdigest()
 
