@@ -49,6 +49,8 @@ from predictor import BOX, SECOND_BOX, _reference_box, _reference_model, phantom
 MODEL = "medsegx"
 IMAGE = "phantom512"
 IDLE_TIMEOUT_S = 600
+#: One cached embedding of the lite model: 256 x 64 x 64 at the cache's float16 (medsegx.predictor.CACHE_DTYPE), in MiB.
+LITE_ENTRY_MIB = 256 * 64 * 64 * 2 / 2**20
 
 
 def slicer_client(url: str, tmpdir: str):
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {statistics.median(ratios):.2f}x | {per_slice:.2f}x |")
     print()
     print(f"Server peak RSS (VmHWM) {peak:.0f} MiB, RSS at the end {rss:.0f} MiB; embedding cache "
-          f"{cache['cache_size']} entries of 4 MiB (lite), prefetch {cache['prefetch']}. Result labels are "
+          f"{cache['cache_size']} entries of {LITE_ENTRY_MIB:.0f} MiB (lite), prefetch {cache['prefetch']}. Result labels are "
           f"512 x 512 x {args.depth} NIfTI (written with nibabel).")
     return 0
 
