@@ -50,6 +50,12 @@ def factorable(decoder: nn.Module) -> str | None:
     return None
 
 
+def _head_sizes(attention: nn.Module) -> tuple[int, int, int]:
+    """SAM ``Attention``'s heads, internal width and width per head."""
+    width = attention.q_proj.out_features
+    return attention.num_heads, width, width // attention.num_heads
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``(B, N, D)`` -> ``(B, H, N, D / H)``."""
     batch, rows, width = x.shape
@@ -65,12 +71,9 @@ def token_to_image(attention: nn.Module, tokens: torch.Tensor, image_keys: torch
     Returns:
         ``(B, T, C)``.
     """
-    heads = attention.num_heads
-    width = attention.q_proj.out_features
-    head_width = width // heads
+    heads, width, head_width = _head_sizes(attention)
     channels = image_keys.shape[-1]
-    scale = 1.0 / math.sqrt(head_width)
-    queries = _heads(attention.q_proj(tokens), heads) * scale  # (B, H, T, d)
+    queries = _heads(attention.q_proj(tokens), heads) / math.sqrt(head_width)  # (B, H, T, d)
     batch, _, count, _ = queries.shape
     key_weight = attention.k_proj.weight.reshape(heads, head_width, channels)
     mixed_queries = (queries @ key_weight).reshape(batch, heads * count, channels)
@@ -91,12 +94,9 @@ def image_to_token(attention: nn.Module, image_queries: torch.Tensor, tokens: to
     Returns:
         ``(B, M, C)``.
     """
-    heads = attention.num_heads
-    width = attention.q_proj.out_features
-    head_width = width // heads
+    heads, _, head_width = _head_sizes(attention)
     channels = image_queries.shape[-1]
-    scale = 1.0 / math.sqrt(head_width)
-    keys = _heads(attention.k_proj(tokens), heads) * scale  # (B, H, T, d)
+    keys = _heads(attention.k_proj(tokens), heads) / math.sqrt(head_width)  # (B, H, T, d)
     values = _heads(attention.v_proj(token_values), heads)
     batch, _, count, _ = keys.shape
     query_weight = attention.q_proj.weight.reshape(heads, head_width, channels)
