@@ -488,7 +488,7 @@ class OpenVINORuntime:
         graphs = []
         for graph in (decoder, static):
             steps = ov.preprocess.PrePostProcessor(graph)
-            steps.input("embeddings").tensor().set_element_type(ov.Type.f16)  # EMBEDDING_DTYPE
+            steps.input("embeddings").tensor().set_element_type(ov.Type(EMBEDDING_DTYPE))
             graphs.append(steps.build())
         compiled = tuple(core.compile_model(graph, "CPU", config) for graph in graphs)
         self._compiled.extend(compiled)
