@@ -269,7 +269,7 @@ def _example_inputs(model: nn.Module) -> tuple[tuple[torch.Tensor, ...], tuple[t
 #: (several clicks, box + clicks, batched boxes) run the dynamic graph.
 STATIC_PROMPT_ROWS = 2
 #: Bumped when the exported graphs change for the same weights (part of the IR cache folder name).
-GRAPH_VERSION = 4
+GRAPH_VERSION = 5
 #: Niceness of the conversion child process (requests in the server keep priority).
 EXPORT_NICE = int(os.environ.get("MEDSEGX_EXPORT_NICE", "5"))
 EXPORT_TIMEOUT_S = 3600

@@ -70,3 +70,21 @@ def test_decoder_graph_factored_or_not_gives_the_same_logits():
         plain = graph(tokens, coords, labels)
     assert float((factored[0] - plain[0]).norm() / plain[0].norm()) < 1e-5
     assert torch.allclose(factored[1], plain[1], atol=1e-5)
+
+
+def test_a_dense_prompt_per_image_token_gives_the_same_logits():
+    """A mask prompt's dense embedding differs per image token: it is added to the tokens, not folded."""
+    model = build_model("tiny_lite").eval()
+    decoder, prompt = model.mask_decoder, model.prompt_encoder
+    _randomise_decoder(decoder)
+    generator = torch.Generator().manual_seed(2)
+    grid = prompt.image_embedding_size
+    embeddings = torch.randn(1, decoder.transformer_dim, *grid, generator=generator)
+    dense = torch.randn(1, decoder.transformer_dim, *grid, generator=generator)
+    with torch.no_grad():
+        sparse, _ = prompt(points=None, boxes=torch.tensor([[30.0, 40.0, 120.0, 150.0]]), masks=None)
+        expected, expected_iou = decoder.predict_masks(embeddings, prompt.get_dense_pe(), sparse, dense)
+        logits, iou = factored_predict_masks(decoder, embeddings.flatten(2).transpose(1, 2), grid,
+                                             prompt.get_dense_pe(), sparse, dense.flatten(2).transpose(1, 2), [0, 1])
+    assert float((logits - expected[:, :2]).norm() / expected[:, :2].norm()) < 1e-5
+    assert torch.allclose(iou, expected_iou[:, :2], atol=1e-5)
