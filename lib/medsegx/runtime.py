@@ -469,7 +469,7 @@ class OpenVINORuntime:
             del model
             self._compiled = [core.compile_model(encoder, "CPU", config)]  # kept alive with their requests
             self._encode_request = self._compiled[0].create_infer_request()
-            # per decoder: (dynamic-shape request, static-shape request)
+            self._compile_lock = threading.Lock()
             self._decode_requests = [self._decoder_requests(core, decoder, config) for decoder in decoders]
         except Exception as err:  # conversion / compilation errors come in many types
             raise RuntimeUnavailable(f"OpenVINO export failed: {type(err).__name__}: {err}") from err
@@ -477,7 +477,14 @@ class OpenVINORuntime:
         logger.info("OpenVINO runtime ready in %.1f s (%d threads, weights %s)", self.export_s, self.num_threads,
                     self.digest[:8])
 
-    def _decoder_requests(self, core, decoder, config) -> tuple:
+    def _decoder_requests(self, core, decoder, config) -> list:
+        """``[dynamic-shape request or None, static-shape request, (core, graph, config)]``.
+
+        The static-shape graph (``STATIC_PROMPT_ROWS``) is compiled now. The dynamic-shape one
+        serves several clicks, a box with clicks and batched boxes, and is compiled at its first
+        such prompt (``_dynamic_request``): compiled and run it holds ~85 MiB (the weights again
+        and its own buffers) that a session of boxes never needs.
+        """
         import openvino as ov
 
         static = decoder.clone()
@@ -490,9 +497,21 @@ class OpenVINORuntime:
             steps = ov.preprocess.PrePostProcessor(graph)
             steps.input("embeddings").tensor().set_element_type(ov.Type(EMBEDDING_DTYPE))
             graphs.append(steps.build())
-        compiled = tuple(core.compile_model(graph, "CPU", config) for graph in graphs)
-        self._compiled.extend(compiled)
-        return tuple(graph.create_infer_request() for graph in compiled)
+        compiled = core.compile_model(graphs[1], "CPU", config)
+        self._compiled.append(compiled)
+        return [None, compiled.create_infer_request(), (core, graphs[0], config)]
+
+    def _dynamic_request(self, requests: list):
+        """The dynamic-shape request of ``requests`` (``_decoder_requests``), compiled on first use."""
+        with self._compile_lock:
+            if requests[0] is None:
+                core, graph, config = requests[2]
+                start = time.perf_counter()
+                compiled = core.compile_model(graph, "CPU", config)
+                self._compiled.append(compiled)
+                requests[0], requests[2] = compiled.create_infer_request(), None
+                logger.info("OpenVINO dynamic-shape decoder compiled in %.2f s", time.perf_counter() - start)
+            return requests[0]
 
     def _converted(self, ov, model: nn.Module, folder: Path | None) -> tuple:
         if folder is None:
@@ -541,11 +560,11 @@ class OpenVINORuntime:
             return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         return self._decode_one(requests, embeddings[:1], coords, labels)
 
-    @staticmethod
-    def _decode_one(requests: tuple, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
+    def _decode_one(self, requests: list, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
         image = image_tokens(embedding)
+        static = coords.shape[:2] == (1, STATIC_PROMPT_ROWS)
+        request = requests[1] if static else self._dynamic_request(requests)
         _before_call()
-        request = requests[1] if coords.shape[:2] == (1, STATIC_PROMPT_ROWS) else requests[0]
         result = request.infer({0: image, 1: coords, 2: labels})
         return (torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)),
                 torch.from_numpy(np.array(result[1], dtype=np.float32, copy=True)))
