@@ -219,7 +219,8 @@ class MedSegXInfer(BasicInferTask):
                     mask_zhw, model_json, neighbourhood = self._predict_volume(
                         loaded.predictor, array, prompt, context, modality.modality, key, image_path
                     )
-                    label_xyz = mask_zhw_to_xyz(mask_zhw)
+                    z_first, z_last = neighbourhood[1:3]  # no voxel of the mask lies outside
+                    label_xyz = mask_zhw_to_xyz(mask_zhw[z_first:z_last + 1])
                     model_json["model_latencies"]["image_read_again"] = reread
             except ValueError as err:  # the predictor validates prompts (e.g. a click outside the image)
                 raise RequestError(str(err)) from None
@@ -232,7 +233,10 @@ class MedSegXInfer(BasicInferTask):
 
         dtype = np.uint8 if voxel_value <= np.iinfo(np.uint8).max else np.uint16
         label = np.zeros(spatial_shape, dtype=dtype)
-        label[label_xyz] = voxel_value
+        # a volume's label is filled on the segmented slices only: through a boolean mask over the whole
+        # (X, Y, Z) volume it read every voxel (~0.2 s of a cached 2D box on a 512 x 512 x 160 CT)
+        target = label if picture else label[:, :, z_first:z_last + 1]
+        np.multiply(label_xyz, dtype(voxel_value), out=target, casting="unsafe")
         if not picture and len(released.shape) == 2:
             label = label[..., 0]  # back to the input's 2D shape
         if dtype != np.uint8 and str(data.get("result_dtype", "")).lower() == "uint8":
