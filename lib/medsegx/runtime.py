@@ -421,6 +421,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _DecoderRequests:
+    """One decoder graph's infer requests.
+
+    ``static``: the static-shape copy (``STATIC_PROMPT_ROWS``: a box, or one click + padding),
+    compiled with the runtime. ``dynamic()``: the dynamic-shape graph (several clicks, box + clicks,
+    batched boxes), compiled at its first such prompt: compiled and run it holds ~85 MiB (the
+    weights again and its own buffers) that a session of boxes never needs.
+    """
+
+    def __init__(self, static, compile_dynamic, keep_alive: list) -> None:
+        self.static = static
+        self._compile_dynamic, self._keep_alive = compile_dynamic, keep_alive
+        self._dynamic = None
+        self._lock = threading.Lock()
+
+    def dynamic(self):
+        with self._lock:
+            if self._dynamic is None:
+                start = time.perf_counter()
+                compiled = self._compile_dynamic()
+                self._keep_alive.append(compiled)  # the runtime's compiled models outlive their requests
+                self._dynamic, self._compile_dynamic = compiled.create_infer_request(), None
+                logger.info("OpenVINO dynamic-shape decoder compiled in %.2f s", time.perf_counter() - start)
+            return self._dynamic
+
+    @property
+    def dynamic_compiled(self) -> bool:
+        return self._dynamic is not None
+
+
 class OpenVINORuntime:
     """The encoder and decoder graphs compiled by OpenVINO for the CPU.
 
@@ -469,7 +499,6 @@ class OpenVINORuntime:
             del model
             self._compiled = [core.compile_model(encoder, "CPU", config)]  # kept alive with their requests
             self._encode_request = self._compiled[0].create_infer_request()
-            self._compile_lock = threading.Lock()
             self._decode_requests = [self._decoder_requests(core, decoder, config) for decoder in decoders]
         except Exception as err:  # conversion / compilation errors come in many types
             raise RuntimeUnavailable(f"OpenVINO export failed: {type(err).__name__}: {err}") from err
@@ -477,14 +506,7 @@ class OpenVINORuntime:
         logger.info("OpenVINO runtime ready in %.1f s (%d threads, weights %s)", self.export_s, self.num_threads,
                     self.digest[:8])
 
-    def _decoder_requests(self, core, decoder, config) -> list:
-        """``[dynamic-shape request or None, static-shape request, (core, graph, config)]``.
-
-        The static-shape graph (``STATIC_PROMPT_ROWS``) is compiled now. The dynamic-shape one
-        serves several clicks, a box with clicks and batched boxes, and is compiled at its first
-        such prompt (``_dynamic_request``): compiled and run it holds ~85 MiB (the weights again
-        and its own buffers) that a session of boxes never needs.
-        """
+    def _decoder_requests(self, core, decoder, config) -> _DecoderRequests:
         import openvino as ov
 
         static = decoder.clone()
@@ -499,19 +521,8 @@ class OpenVINORuntime:
             graphs.append(steps.build())
         compiled = core.compile_model(graphs[1], "CPU", config)
         self._compiled.append(compiled)
-        return [None, compiled.create_infer_request(), (core, graphs[0], config)]
-
-    def _dynamic_request(self, requests: list):
-        """The dynamic-shape request of ``requests`` (``_decoder_requests``), compiled on first use."""
-        with self._compile_lock:
-            if requests[0] is None:
-                core, graph, config = requests[2]
-                start = time.perf_counter()
-                compiled = core.compile_model(graph, "CPU", config)
-                self._compiled.append(compiled)
-                requests[0], requests[2] = compiled.create_infer_request(), None
-                logger.info("OpenVINO dynamic-shape decoder compiled in %.2f s", time.perf_counter() - start)
-            return requests[0]
+        return _DecoderRequests(compiled.create_infer_request(), lambda: core.compile_model(graphs[0], "CPU", config),
+                                self._compiled)
 
     def _converted(self, ov, model: nn.Module, folder: Path | None) -> tuple:
         if folder is None:
@@ -560,10 +571,10 @@ class OpenVINORuntime:
             return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         return self._decode_one(requests, embeddings[:1], coords, labels)
 
-    def _decode_one(self, requests: list, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
+    @staticmethod
+    def _decode_one(requests: _DecoderRequests, embedding: torch.Tensor, coords: np.ndarray, labels: np.ndarray):
         image = image_tokens(embedding)
-        static = coords.shape[:2] == (1, STATIC_PROMPT_ROWS)
-        request = requests[1] if static else self._dynamic_request(requests)
+        request = requests.static if coords.shape[:2] == (1, STATIC_PROMPT_ROWS) else requests.dynamic()
         _before_call()
         result = request.infer({0: image, 1: coords, 2: labels})
         return (torch.from_numpy(np.array(result[0], dtype=np.float32, copy=True)),

@@ -85,10 +85,10 @@ def test_static_and_dynamic_decoder_graphs_match_eager(lite_pair, sample_data):
     runtime = compiled.serving.current()
     prompts = {"box": (box, None), "one click": (None, [[*centre, 1]]), "box + clicks": (box, [[*centre, 1], [5, 5, 0]])}
     requests = runtime._decode_requests[0]
-    dynamic_before = requests[0]  # None until a prompt of other rows needs it (compiled lazily)
+    dynamic_before = requests.dynamic_compiled  # False until a prompt of other rows needs it (compiled lazily)
     for name, (prompt_box, points) in prompts.items():
         if name == "box + clicks":
-            assert requests[0] is dynamic_before  # boxes and one click never compiled it
+            assert requests.dynamic_compiled is dynamic_before  # boxes and one click never compiled it
         rows = prompt_rows(None if prompt_box is None else torch.zeros(1, 4),
                            None if points is None else (torch.zeros(1, len(points), 2), torch.zeros(1, len(points))))
         assert (rows[0].shape[1] == runtime_module.STATIC_PROMPT_ROWS) == (name != "box + clicks")
@@ -96,7 +96,7 @@ def test_static_and_dynamic_decoder_graphs_match_eager(lite_pair, sample_data):
         reference = eager.predict(volume[z], prompt_box, context, points=points)
         assert rel_l2(ours.logits, reference.logits) <= 1e-3, name
         assert dice(ours.mask, reference.mask) >= 0.99, name
-    assert requests[0] is not None
+    assert requests.dynamic_compiled
 
 
 def test_openvino_3d_box_and_clicks_match_eager(lite_pair, sample_data):
