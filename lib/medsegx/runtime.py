@@ -434,15 +434,30 @@ class _DecoderRequests:
         self.static = static
         self._compile_dynamic, self._keep_alive = compile_dynamic, keep_alive
         self._dynamic = None
+        self._failed: str | None = None
         self._lock = threading.Lock()
 
     def dynamic(self):
+        """The dynamic-shape request, compiled on first use.
+
+        Raises:
+            RuntimeUnavailable: it failed to compile (logged once; later calls raise at once),
+                so the caller serves that prompt with eager PyTorch.
+        """
         with self._lock:
             if self._dynamic is None:
+                if self._failed is not None:
+                    raise RuntimeUnavailable(self._failed)
                 start = time.perf_counter()
-                compiled = self._compile_dynamic()
+                try:
+                    compiled = self._compile_dynamic()
+                    request = compiled.create_infer_request()
+                except Exception as err:  # compilation errors come in many types
+                    self._failed = f"OpenVINO dynamic-shape decoder failed to compile: {type(err).__name__}: {err}"
+                    logger.warning("%s; prompts of several points decode with eager PyTorch", self._failed)
+                    raise RuntimeUnavailable(self._failed) from err
                 self._keep_alive.append(compiled)  # the runtime's compiled models outlive their requests
-                self._dynamic, self._compile_dynamic = compiled.create_infer_request(), None
+                self._dynamic, self._compile_dynamic = request, None
                 logger.info("OpenVINO dynamic-shape decoder compiled in %.2f s", time.perf_counter() - start)
             return self._dynamic
 
@@ -678,6 +693,10 @@ class ServingRuntime:
             log("serving with eager PyTorch: %s", reason)
             self.mode = "eager"
 
+    def stamp(self) -> tuple[int, int, int]:
+        """Changes whenever the served weights do (``weights_stamp``) or a tuned decoder is added or dropped."""
+        return self._stamp()
+
     def _stamp(self) -> tuple[int, int, int]:
         structure = getattr(self.model, "structure_version", 0)  # a tuned decoder added or dropped
         if structure != self._structure:
@@ -719,6 +738,20 @@ class ServingRuntime:
                 return self.eager
         self._export_current()
         return self._compiled if self._compiled_stamp == stamp else self.eager
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
+               points: tuple[torch.Tensor, torch.Tensor] | None = None,
+               context: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """``current().decode(...)`` and the name of the runtime that ran it: a prompt the compiled
+        graphs cannot take (their dynamic-shape decoder failed to compile, logged once) decodes
+        with eager PyTorch on the same weights. Call with the model's users serialised."""
+        runtime = self.current()
+        try:
+            logits, iou = runtime.decode(embeddings, boxes, points, context=context)
+        except RuntimeUnavailable:
+            runtime = self.eager
+            logits, iou = runtime.decode(embeddings, boxes, points, context=context)
+        return logits, iou, runtime.name
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until the compiled graphs serve the current weights (starting the export if needed).

@@ -208,6 +208,17 @@ def test_label_switch_with_inert_adapters_costs_the_decoder_only(tiny_model, mon
     liver_gates = predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=2).expert_gates
     assert not np.allclose(liver_gates, switched.expert_gates, atol=1e-3)  # the label does move the gates
 
+    with torch.no_grad():  # new gate weights (adapters still inert): the next switch follows them
+        for block in model.conmoae_blocks:
+            block.adapter_gate.weight.mul_(3.0)
+    predictor.clear_cache()  # as the app does when it publishes weights
+    predictor.predict(image, (20, 30, 150, 250), LIVER, key="vol", slice_index=2)
+    switched_again = predictor.predict(image, (20, 30, 150, 250), SPLEEN, key="vol", slice_index=2)
+    fresh = Predictor(model, cache_size=0).predict(image, (20, 30, 150, 250), SPLEEN)
+    assert switched_again.cache_hit
+    assert np.allclose(switched_again.expert_gates, fresh.expert_gates, atol=1e-5)
+    assert not np.allclose(switched_again.expert_gates, switched.expert_gates, atol=1e-3)
+
 
 def test_label_switch_after_fine_tuning_encodes_again(adapted_tiny, monkeypatch):
     calls = count_encodes(adapted_tiny, monkeypatch)

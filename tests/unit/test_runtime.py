@@ -202,6 +202,36 @@ def test_missing_runtime_or_failed_export_serves_eager(monkeypatch, caplog):
     assert len(caplog.records) == 1 and "unsupported op" in caplog.records[0].getMessage()
 
 
+def test_a_click_decoder_that_fails_to_compile_serves_eager(tmp_path, caplog):
+    """The dynamic-shape decoder compiles at the first prompt of several points; if that fails,
+    such prompts decode with eager PyTorch (one log line), boxes stay on the compiled graphs."""
+    torch.manual_seed(0)
+    model = build_model("tiny_lite", pretrained=False)
+    predictor = Predictor(model, cache_size=2, runtime="openvino", background_export=False,
+                          runtime_cache_dir=tmp_path)
+    assert predictor.serving.wait_ready(timeout=300), predictor.serving.last_error
+    requests = predictor.serving.current()._decode_requests[0]
+    assert not requests.dynamic_compiled
+
+    def broken():
+        raise RuntimeError("out of memory compiling the graph")
+
+    requests._compile_dynamic = broken
+    image = np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    context, box = resolve("liver", "CT"), (20, 15, 90, 80)
+    clicks = [[50, 40, 1], [60, 50, 1], [10, 10, 0]]
+    reference = Predictor(model, cache_size=0, runtime="eager").predict(image, box, context, points=clicks)
+    with caplog.at_level(logging.WARNING, logger="medsegx.runtime"):
+        first = predictor.predict(image, box, context, points=clicks)
+        second = predictor.predict(image, box, context, points=clicks[:2])
+    assert first.runtime == second.runtime == "eager"
+    assert rel_l2(first.logits, reference.logits) <= 1e-3 and dice(first.mask, reference.mask) >= 0.99
+    assert [r.getMessage() for r in caplog.records] == [
+        "OpenVINO dynamic-shape decoder failed to compile: RuntimeError: out of memory compiling the graph; "
+        "prompts of several points decode with eager PyTorch"]  # once, not per click
+    assert predictor.predict(image, box, context).runtime == "openvino"
+
+
 def test_eager_when_the_model_is_not_served_as_exported():
     torch.manual_seed(0)
     model = build_model("tiny_lite", pretrained=False)

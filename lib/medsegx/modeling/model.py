@@ -14,6 +14,12 @@ IMAGE_SIZE = 256
 TRAINABLE_ENCODER_KEYS = ("adapter", "modal_embed", "organ_embed")
 
 
+def regate(gates: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``softmax(log gates + shift)`` over the experts: gates ``(B, num_blocks, K)`` moved by a
+    ``MedSegXModel.context_gate_shift``."""
+    return torch.softmax(torch.log(gates.clamp_min(1e-30)) + shift, dim=-1)
+
+
 class MedSegXModel(nn.Module):
     """ConMoAE-SAM at 256 x 256.
 
@@ -202,15 +208,19 @@ class MedSegXModel(nn.Module):
             gates: (B, num_blocks, K) from ``encode`` under ``source``.
             source, target: (B, 5) long contexts.
         """
+        return regate(gates, self.context_gate_shift(source, target))
+
+    def context_gate_shift(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B, num_blocks, K)``: what moving from ``source`` to ``target`` adds to every block's gate
+        logits (``gates_for_context``); it depends on the contexts and weights only, not on the image."""
         state_source = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, source)
         state_target = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, target)
-        regated = []
-        for index, block in enumerate(self.conmoae_blocks):
+        shifts = []
+        for block in self.conmoae_blocks:
             width = 3 * block.adapter_input_embed.out_features  # organ, task, modality come first
-            shift = (block.context_input(state_target) - block.context_input(state_source)) @ \
-                block.adapter_gate.weight[:, :width].T
-            regated.append(torch.softmax(torch.log(gates[:, index].clamp_min(1e-30)) + shift, dim=-1))
-        return torch.stack(regated, dim=1)
+            shifts.append((block.context_input(state_target) - block.context_input(state_source))
+                          @ block.adapter_gate.weight[:, :width].T)
+        return torch.stack(shifts, dim=1)
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None,
                points: tuple[torch.Tensor, torch.Tensor] | None = None,
