@@ -10,7 +10,8 @@ For each case (one structure of a real labelled volume, ``sample-data/real_data.
   5th of them from 16 on) and the early stop (``EarlyStop``: best-validating weights kept; only
   with held-out slices, i.e. from 16 labelled slices);
   each step is ``medsegx.steps.train_step`` with the task's box jitter. ``k = 0`` is the
-  zero-shot model. Dice of the mask chosen by predicted IoU (what the infer task returns).
+  zero-shot model. Dice of the mask the infer task returns for the box (``medsegx.steps.val_step``:
+  the predictor's ``box_fit`` choice; until 2026-12-06 this scored the IoU choice).
 - **unet**: MONAI Label's recipe for a single structure, the radiology app's
   ``segmentation_spleen`` network (``monai.networks.nets.UNet``, channels 16..256, strides 2,
   2 residual units, batch norm; here 2D, ``spatial_dims=2``) trained from scratch on the same

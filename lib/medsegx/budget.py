@@ -55,7 +55,17 @@ and nothing below recovered it without ground truth:
 - scoring the predictor's ``box_fit`` choice (what the infer task returns for a box) instead of
   the IoU choice: zero-shot 0.675 instead of 0.632 (the IoU head picks token 0, 0.632, where token 1
   gives 0.753), but k = 1 still drops (0.668 / 0.565 / 0.614 over seeds 0-2); amygdala k = 1
-  0.674 vs zero-shot 0.668 (IoU choice: 0.663).
+  0.674 vs zero-shot 0.668 (IoU choice: 0.663);
+- mirroring the labelled slice left-right (image, mask and box, half of the steps; each mirror
+  encoded once per round): on the hippocampus k = 1 rose 0.598 -> 0.628 (seed 1's end slice
+  0.533 -> 0.646), still under zero-shot 0.632, and k = 2 fell 0.667 -> 0.656; on the CT pancreas
+  (no left-right symmetry) k = 1 fell 0.701 -> 0.686 and k = 2 0.691 -> 0.675 (IoU choice,
+  seeds 0-2, 16 evaluation slices; the mirror was added to ``bench/finetune_curve.py``'s loop
+  for the measurement and not kept).
+
+Since 2026-12-06 the rounds validate, and ``bench/finetune_curve.py`` scores, the mask the infer
+task returns for a box (``medsegx.steps.val_step``: the predictor's ``box_fit`` choice) instead of
+the IoU choice; the numbers above were measured with the IoU choice where not said otherwise.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Every item is the one model item of ``medsegx.items`` (the predictor's own trans
 longest side resized to 256, normalised, zero-padded bottom/right), plus the file::
 
     {"image": float32 (3, 256, 256), "label": float32 (1, 256, 256) {0, 1},
-     "box": float32 (4,) XYXY in the 256 frame, "valid_hw": int64 (2,),
+     "box": float32 (4,) XYXY in the 256 frame, "valid_hw": int64 (2,), "scale": float32 (),
      "context": int64 (5,), "path": str}
 
 so that a MedSegDB case, a datastore slice in the app's train task and a request to the

@@ -115,7 +115,7 @@ def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int]
     Returns:
         ``{"image": (3, 256, 256) float normalised and padded, "label": (1, 256, 256) float,
         "box": (4,) float XYXY 256 frame, "valid_hw": (2,) long (rows, cols of the unpadded
-        area), "context": (5,) long}``.
+        area), "scale": () float (model pixels per original pixel), "context": (5,) long}``.
 
     Raises:
         ValueError: the mask is empty or its size differs from the image's.
@@ -134,6 +134,7 @@ def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int]
         "label": mask_to_model(mask, info),
         "box": torch.from_numpy(box),
         "valid_hw": torch.tensor(info.resized_size, dtype=torch.long),
+        "scale": torch.tensor(info.scale, dtype=torch.float32),
         "context": torch.tensor(tuple(context), dtype=torch.long),
     }
 

@@ -849,17 +849,25 @@ def _stability(logits: np.ndarray) -> float:
 
 
 def _box_fit_choice(logits: np.ndarray, iou: np.ndarray, box_model: np.ndarray, info) -> int:
+    """``select="box_fit"`` for a prediction on an image of geometry ``info`` (``box_fit_choice``)."""
+    return box_fit_choice(logits, iou, box_model, info.resized_size, info.scale)
+
+
+def box_fit_choice(logits: np.ndarray, iou: np.ndarray, box_model: np.ndarray, resized_hw: Sequence[int],
+                   scale: float) -> int:
     """``select="box_fit"``: the IoU choice, or the mask whose bounding box fits the prompt box when
     the IoU choice's fits poorly and that one's fits well (``BOX_FIT_POOR`` / ``BOX_FIT_GOOD``).
 
     Fits are box IoUs in the 256 model frame, pixel ``i`` covering ``[i, i + 1)``; the prompt box
-    covers ``[x0, x1 + 1)`` original pixels, scaled.
+    covers ``[x0, x1 + 1)`` original pixels, scaled (``scale``: model pixels per original pixel).
+    ``resized_hw``: the valid (unpadded) area of the 256 frame. Also what the train task and
+    ``bench/finetune_curve.py`` score (``medsegx.steps.val_step``).
     """
     by_iou = int(np.argmax(iou))
-    height, width = info.resized_size
+    height, width = (int(v) for v in resized_hw)
     masks = logits[:, :height, :width] > 0
     x0, y0 = float(box_model[0]), float(box_model[1])
-    x1, y1 = float(box_model[2]) + info.scale, float(box_model[3]) + info.scale
+    x1, y1 = float(box_model[2]) + scale, float(box_model[3]) + scale
     fits = []
     for mask in masks:
         if not mask.any():

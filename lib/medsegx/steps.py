@@ -31,6 +31,7 @@ from torch import nn
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import dice_per_mask
 from medsegx.modeling import MedSegXModel
+from medsegx.predictor import box_fit_choice
 from medsegx.transforms import content_key
 
 __all__ = [
@@ -256,19 +257,24 @@ def val_step(model: MedSegXModel, batch: Mapping[str, torch.Tensor], device: tor
              amp: bool = False, memo: EncoderMemo | None = None) -> dict[str, torch.Tensor]:
     """Validation on a batch (exact boxes): the mask the predictor would return.
 
-    The output is chosen by predicted IoU, as the infer task does (``Predictor``'s
-    ``select="iou"``); the oracle choice (best Dice of the three, the paper's protocol) is
-    reported beside it. Dice is computed on the 256 x 256 grid, sigmoid > 0.5.
+    The output is chosen as the infer task chooses it for a box (``Predictor``'s
+    ``select="box_fit"``, ``medsegx.predictor.box_fit_choice``: the highest predicted IoU unless
+    its mask's bounding box misfits the box); the IoU choice and the oracle (best Dice of the
+    three, the paper's protocol) are reported beside it. Dice is computed on the 256 x 256 grid,
+    sigmoid > 0.5.
 
     Returns:
-        ``{"pred": (B, 1, 256, 256) float {0, 1} (IoU-chosen), "label", "dice": (B,) of the
-        IoU-chosen mask, "dice_oracle": (B,), "chosen": (B,) long}``.
+        ``{"pred": (B, 1, 256, 256) float {0, 1} (the served choice), "label", "dice": (B,) of the
+        served choice, "dice_iou": (B,) of the IoU choice, "dice_oracle": (B,), "chosen": (B,) long}``.
     """
     logits, iou = predict_batch(model, batch, device, amp, memo)
     label = batch["label"].to(logits.device)
     per_mask = dice_per_mask(logits, label)
-    chosen = iou.argmax(dim=1)
+    cpu_logits, cpu_iou = logits.cpu().numpy(), iou.cpu().numpy()
+    chosen = torch.tensor([box_fit_choice(cpu_logits[i], cpu_iou[i], batch["box"][i].cpu().numpy(),
+                                          batch["valid_hw"][i].tolist(), float(batch["scale"][i]))
+                           for i in range(logits.shape[0])], device=logits.device)
     rows = torch.arange(logits.shape[0], device=logits.device)
     pred = (logits[rows, chosen] > 0).float()[:, None]
-    return {"pred": pred, "label": label, "dice": per_mask[rows, chosen], "dice_oracle": per_mask.max(dim=1).values,
-            "chosen": chosen}
+    return {"pred": pred, "label": label, "dice": per_mask[rows, chosen], "dice_iou": per_mask[rows, iou.argmax(dim=1)],
+            "dice_oracle": per_mask.max(dim=1).values, "chosen": chosen}

@@ -14,6 +14,7 @@ from medsegx.build import build_model
 from medsegx.checkpoint import load_checkpoint, previous_checkpoint_path, publish_checkpoint
 from medsegx.items import item_from_arrays, jitter_box, mask_box
 from medsegx.metrics import dice, mask_uncertainty
+from medsegx.predictor import Predictor, box_fit_choice
 from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices
 from medsegx.steps import EncoderMemo, build_optimizer, set_train_mode, train_step, val_step
 from medsegx.taxonomy import resolve
@@ -157,15 +158,35 @@ def test_train_step_moves_adapters_embeddings_and_decoder_only():
     assert modality_rows[[i for i in range(modality_rows.shape[0]) if i != LIVER_CT[0]]].abs().sum() == 0
 
 
-def test_val_step_reports_the_iou_chosen_mask(tiny_model):
+def test_val_step_reports_the_mask_the_predictor_returns(tiny_model):
+    """Validation scores the served choice (``Predictor.predict``'s ``select="box_fit"``) on the
+    same pixels and box; the IoU choice and the oracle are reported beside it."""
+    image, mask = _slice(seed=1)
     batch = _batch(tiny_model, seed=1)
     output = val_step(tiny_model, batch)
+    served = Predictor(tiny_model, cache_size=0).predict(image, mask_box(mask), LIVER_CT)
+    assert int(output["chosen"]) == served.chosen
+    assert float(output["dice"]) == pytest.approx(
+        dice((served.logits[served.chosen] > 0), batch["label"][0, 0].numpy() > 0.5), abs=1e-2)  # float16 cache
     logits, iou, _ = tiny_model.eval()(batch["image"], batch["box"], batch["context"])
-    chosen = int(iou.argmax())
-    assert int(output["chosen"]) == chosen
-    expected = dice((logits[0, chosen] > 0).numpy(), batch["label"][0, 0].numpy() > 0.5)
-    assert float(output["dice"]) == pytest.approx(expected, abs=1e-5)
-    assert float(output["dice_oracle"]) >= float(output["dice"]) - 1e-6
+    by_iou = int(iou.argmax())
+    assert float(output["dice_iou"]) == pytest.approx(
+        dice((logits[0, by_iou] > 0).numpy(), batch["label"][0, 0].numpy() > 0.5), abs=1e-5)
+    assert float(output["dice_oracle"]) >= max(float(output["dice"]), float(output["dice_iou"])) - 1e-6
+
+
+def test_box_fit_overrides_a_misfitting_iou_choice():
+    """The served rule on crafted logits: the IoU favourite's mask fills half the box, another fits it."""
+    logits = np.full((3, 256, 256), -5.0, dtype=np.float32)
+    logits[0, 40:60, 40:50] = 5.0  # the IoU favourite: half the box
+    logits[1, 40:60, 40:60] = 5.0  # fits the box exactly
+    logits[2, 0:200, 0:200] = 5.0
+    box = np.array([40.0, 40.0, 59.0, 59.0])
+    iou = np.array([0.9, 0.5, 0.1])
+    assert box_fit_choice(logits, iou, box, (256, 256), 1.0) == 1
+    assert box_fit_choice(logits, np.array([0.5, 0.9, 0.1]), box, (256, 256), 1.0) == 1
+    logits[0, 40:60, 40:58] = 5.0  # now fits well enough (box IoU 0.9): the IoU choice stands
+    assert box_fit_choice(logits, iou, box, (256, 256), 1.0) == 0
 
 
 # ----------------------------------------------------------------------------- uncertainty
