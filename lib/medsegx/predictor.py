@@ -364,7 +364,7 @@ class Predictor:
                 The cache key is ``(key, slice_index, context)`` (context ``None`` while the
                 adapters are inert, ``cache_key``); a caller's key must change
                 whenever the pixels do.
-            select: ``"box_fit"`` (a box alone: ``_box_fit_choice``; else as ``"iou"``),
+            select: ``"box_fit"`` (a box alone: ``box_fit_choice``; else as ``"iou"``),
                 ``"iou"`` (highest predicted IoU), ``"oracle"`` (best Dice against ``gt``;
                 evaluation only) or a fixed output index 0..2.
             gt: ``(H, W)`` ground truth for ``select="oracle"``.
@@ -414,7 +414,7 @@ class Predictor:
             mask = masks[chosen]
         else:
             if select == "box_fit" and box is not None and point_array is None:
-                chosen = _box_fit_choice(logits, iou_values, box_model, info)
+                chosen = box_fit_choice(logits, iou_values, box_model, info.resized_size, info.scale)
             elif select in ("iou", "box_fit"):
                 chosen = int(np.argmax(iou_values))
             else:
@@ -846,11 +846,6 @@ def _stability(logits: np.ndarray) -> float:
     over pixels above ``-STABILITY_OFFSET`` (0 when none is)."""
     unsure = np.count_nonzero(logits > -STABILITY_OFFSET)
     return np.count_nonzero(logits > STABILITY_OFFSET) / unsure if unsure else 0.0
-
-
-def _box_fit_choice(logits: np.ndarray, iou: np.ndarray, box_model: np.ndarray, info) -> int:
-    """``select="box_fit"`` for a prediction on an image of geometry ``info`` (``box_fit_choice``)."""
-    return box_fit_choice(logits, iou, box_model, info.resized_size, info.scale)
 
 
 def box_fit_choice(logits: np.ndarray, iou: np.ndarray, box_model: np.ndarray, resized_hw: Sequence[int],

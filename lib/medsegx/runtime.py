@@ -695,9 +695,6 @@ class ServingRuntime:
 
     def stamp(self) -> tuple[int, int, int]:
         """Changes whenever the served weights do (``weights_stamp``) or a tuned decoder is added or dropped."""
-        return self._stamp()
-
-    def _stamp(self) -> tuple[int, int, int]:
         structure = getattr(self.model, "structure_version", 0)  # a tuned decoder added or dropped
         if structure != self._structure:
             self._tensors, self._structure = [*self.model.parameters(), *self.model.buffers()], structure
@@ -707,11 +704,11 @@ class ServingRuntime:
     def name(self) -> str:
         """``"openvino"`` when the compiled graphs serve the current weights, else ``"eager"``."""
         compiled = self._compiled
-        return compiled.name if compiled is not None and self._compiled_stamp == self._stamp() else "eager"
+        return compiled.name if compiled is not None and self._compiled_stamp == self.stamp() else "eager"
 
     def adapters_inert(self) -> bool:
         """``adapters_inert(model)``, recomputed only when the weights changed."""
-        stamp = self._stamp()
+        stamp = self.stamp()
         if self._inert[0] != stamp:
             self._inert = (stamp, adapters_inert(self.model))
         return self._inert[1]
@@ -721,7 +718,7 @@ class ServingRuntime:
         if self.mode == "eager" or self.model.training or getattr(getattr(self.model, "_context_state", None),
                                                                  "mc_dropout", False):
             return self.eager
-        stamp = self._stamp()
+        stamp = self.stamp()
         with self._ready:
             if self._compiled is not None and self._compiled_stamp == stamp:
                 return self._compiled
@@ -762,7 +759,7 @@ class ServingRuntime:
         self.current()
         with self._ready:
             while True:
-                stamp = self._stamp()
+                stamp = self.stamp()
                 if self.mode == "eager" or self._failed_stamp == stamp:
                     return False
                 if self._compiled is not None and self._compiled_stamp == stamp:
@@ -781,7 +778,7 @@ class ServingRuntime:
 
     def _export_rounds(self) -> None:
         while not _SHUTTING_DOWN.is_set():
-            stamp = self._stamp()  # before the copy: a change during it forces another round
+            stamp = self.stamp()  # before the copy: a change during it forces another round
             if stamp in (self._compiled_stamp, self._failed_stamp):
                 return
             snapshot = copy.deepcopy(self.model).cpu().eval()

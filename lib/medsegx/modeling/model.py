@@ -196,23 +196,20 @@ class MedSegXModel(nn.Module):
             state.vectors, state.gates = None, []
         return embeddings, gates
 
-    def gates_for_context(self, gates: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """One image's expert gates under ``target``, from its gates under ``source``.
+    def context_gate_shift(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``(B, num_blocks, K)``: what moving from ``source`` to ``target`` adds to every block's gate
+        logits; ``regate(gates, shift)`` turns one image's expert gates under ``source`` into its gates
+        under ``target``.
 
         Per block ``g = softmax(W [o; t; m; u] + b)``, where only ``u`` (the pooled tokens)
         depends on the image. Softmax ignores a shift, so ``softmax(log g + W[:, :3E] ([o; t; m]
         of target - of source))`` are the gates under ``target`` -- exact while the tokens do not
-        depend on the context, i.e. while the adapters are inert (the embedding-cache case).
+        depend on the context, i.e. while the adapters are inert (the embedding-cache case). The
+        shift depends on the contexts and the weights only, not on the image.
 
         Args:
-            gates: (B, num_blocks, K) from ``encode`` under ``source``.
             source, target: (B, 5) long contexts.
         """
-        return regate(gates, self.context_gate_shift(source, target))
-
-    def context_gate_shift(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """``(B, num_blocks, K)``: what moving from ``source`` to ``target`` adds to every block's gate
-        logits (``gates_for_context``); it depends on the contexts and weights only, not on the image."""
         state_source = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, source)
         state_target = context_vectors(self.image_encoder.modal_embed, self.image_encoder.organ_embed, target)
         shifts = []
