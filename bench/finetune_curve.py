@@ -68,7 +68,7 @@ sys.path.insert(0, str(ROOT / "sample-data"))
 
 from real_data import load_cases  # noqa: E402
 
-from medsegx.budget import INLOOP_LR, INLOOP_TRAIN_ADAPTERS, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
+from medsegx.budget import INLOOP_BOX_JITTER_FRACTION, INLOOP_LR, INLOOP_TRAIN_ADAPTERS, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
 from medsegx.build import build_model  # noqa: E402
 from medsegx.checkpoint import publish_checkpoint  # noqa: E402
 from medsegx.items import item_from_arrays, jitter_box  # noqa: E402
@@ -177,7 +177,8 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
         for index in sampler:
             item = train_items[index]
             batch = {key: value[None] for key, value in item.items()}
-            batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator)[None]
+            batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator,
+                                      max_fraction=INLOOP_BOX_JITTER_FRACTION)[None]
             train_step(model, batch, optimizer, memo=memo)
             steps += 1
         if epoch < plan.first_stop_epoch:

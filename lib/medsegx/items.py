@@ -15,7 +15,8 @@ its structure mask become::
 ``item_from_arrays`` makes it for datastore slices (the app's train task, the benchmark) and
 for MedSegDB cases (``medsegx.data.MedSegDBDataset``) alike. During training ``jitter_box``
 pushes each box side out by a uniform random 0..19 px (``TRAIN_BOX_JITTER``, the paper's
-recipe); evaluation uses the exact box.
+recipe), or in an in-loop round by up to a tenth of the box's extent (``max_fraction``,
+``medsegx.budget``); evaluation uses the exact box.
 """
 
 from __future__ import annotations
@@ -140,21 +141,31 @@ def item_from_arrays(image: np.ndarray, mask: np.ndarray, context: Sequence[int]
 
 
 def jitter_box(box: torch.Tensor, valid_hw: Sequence[int] | torch.Tensor, max_shift: int = TRAIN_BOX_JITTER,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Push each side of a 256-frame box out by a uniform random ``0..max_shift-1`` px.
+               generator: torch.Generator | None = None, max_fraction: float = 0.0) -> torch.Tensor:
+    """Push each side of a 256-frame box out by a uniform random ``0..bound-1`` px.
 
-    ``torch.randint(0, TRAIN_BOX_JITTER)`` per side (paper: 0..19 px), clipped to the valid (unpadded) area.
+    The bound is ``max_shift`` for every side (paper: ``torch.randint(0, TRAIN_BOX_JITTER)``,
+    0..19 px), or with ``max_fraction > 0`` a share of the box's own extent along that side's
+    axis, ``round(max_fraction * (side + 1))``, at least 1 (an unmoved side) and at most
+    ``max_shift`` (the in-loop recipe, ``medsegx.budget.INLOOP_BOX_JITTER_FRACTION``). The box
+    is clipped to the valid (unpadded) area.
 
     Args:
         box: ``(4,)`` XYXY in the 256 frame.
         valid_hw: rows and columns of the unpadded area.
         max_shift: exclusive bound of the shift; 0 returns the box unchanged.
         generator: optional RNG (default: torch's global RNG, seeded per DataLoader worker).
+        max_fraction: the bound as a share of the box side (0: ``max_shift`` for every side).
     """
     box = torch.as_tensor(box, dtype=torch.float32)
     if max_shift <= 0:
         return box.clone()
-    shifts = torch.randint(0, max_shift, (4,), generator=generator).float()
+    if max_fraction > 0:
+        extent = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0
+        bounds = torch.clamp(torch.round(max_fraction * extent), 1.0, float(max_shift))
+        shifts = torch.floor(torch.rand(4, generator=generator) * bounds)
+    else:
+        shifts = torch.randint(0, max_shift, (4,), generator=generator).float()
     jittered = box + shifts * torch.tensor([-1.0, -1.0, 1.0, 1.0])
     height, width = (int(v) for v in valid_hw)
     upper = torch.tensor([width - 1.0, height - 1.0, width - 1.0, height - 1.0])

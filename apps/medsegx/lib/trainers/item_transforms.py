@@ -37,15 +37,19 @@ class ToModelInputd(MapTransform):
 
 
 class RandJitterBoxd(Randomizable, MapTransform):
-    """Push each side of ``box`` out by a uniform random 0..``max_shift - 1`` px (paper: 0..19).
+    """Push each side of ``box`` out by a uniform random 0..``bound - 1`` px (``medsegx.items.jitter_box``).
 
     Args:
-        max_shift: ``medsegx.items.TRAIN_BOX_JITTER`` (20) by default; 0 keeps the exact box.
+        max_shift: the bound, ``medsegx.items.TRAIN_BOX_JITTER`` (20, the paper's 0..19) by
+            default; 0 keeps the exact box.
+        max_fraction: with ``> 0``, the bound of a side is this share of the box's extent (at
+            most ``max_shift``): the in-loop recipe, ``medsegx.budget.INLOOP_BOX_JITTER_FRACTION``.
     """
 
-    def __init__(self, max_shift: int = TRAIN_BOX_JITTER):
+    def __init__(self, max_shift: int = TRAIN_BOX_JITTER, max_fraction: float = 0.0):
         MapTransform.__init__(self, keys=["box"])
         self.max_shift = int(max_shift)
+        self.max_fraction = float(max_fraction)
         self._generator = torch.Generator().manual_seed(0)
 
     def set_random_state(self, seed: int | None = None, state=None):
@@ -58,5 +62,6 @@ class RandJitterBoxd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         out = dict(data)
-        out["box"] = jitter_box(out["box"], out["valid_hw"], self.max_shift, generator=self._generator)
+        out["box"] = jitter_box(out["box"], out["valid_hw"], self.max_shift, generator=self._generator,
+                                max_fraction=self.max_fraction)
         return out

@@ -61,8 +61,9 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 
-from medsegx.budget import INLOOP_LR, INLOOP_TRAIN_ADAPTERS, BudgetPlan, EarlyStop, FinetuneBudget
+from medsegx.budget import INLOOP_BOX_JITTER_FRACTION, INLOOP_LR, INLOOP_TRAIN_ADAPTERS, BudgetPlan, EarlyStop, FinetuneBudget
 from medsegx.checkpoint import publish_checkpoint
+from medsegx.items import TRAIN_BOX_JITTER
 from medsegx.losses import DiceBCEMinLoss
 from medsegx.metrics import finite_or_none
 from medsegx.runtime import prepare_ir
@@ -108,7 +109,7 @@ class MedSegXTrain(BasicTrainTask):
         train_batch_size, val_batch_size, lr, weight_decay,
         slices_per_structure (drawn per epoch), val_slices_per_structure,
         max_slices_per_structure and max_cached_slices (candidate slices kept in memory, per
-        structure and in all), min_pixels, box_jitter, num_threads, nice, sched_idle,
+        structure and in all), min_pixels, box_jitter and box_jitter_fraction, num_threads, nice, sched_idle,
         yield_to_infer (pause between steps while the server has interactive work),
         yield_grace_s and yield_cap_s (``lib/interactive.py``), publish
         ("improved" | "always"), seed, amp, tracking ("mlflow" | "None"), tracking_uri.
@@ -144,7 +145,8 @@ class MedSegXTrain(BasicTrainTask):
             "max_slices_per_structure": 64,
             "max_cached_slices": 4096,
             "min_pixels": 10,
-            "box_jitter": 20,
+            "box_jitter": TRAIN_BOX_JITTER,
+            "box_jitter_fraction": INLOOP_BOX_JITTER_FRACTION,
             "num_threads": 1,
             "nice": BACKGROUND_NICE,
             "sched_idle": BACKGROUND_SCHED_IDLE,
@@ -303,7 +305,8 @@ class MedSegXTrain(BasicTrainTask):
     # -- data -------------------------------------------------------------------------------
     def train_pre_transforms(self, context: Context):
         return [ToModelInputd(context.network.normalize, context.device),
-                RandJitterBoxd(int(context.request.get("box_jitter", 20)))]
+                RandJitterBoxd(int(context.request.get("box_jitter", self._config["box_jitter"])),
+                               float(context.request.get("box_jitter_fraction", self._config["box_jitter_fraction"])))]
 
     def val_pre_transforms(self, context: Context):
         return [ToModelInputd(context.network.normalize, context.device)]
