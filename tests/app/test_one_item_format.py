@@ -9,8 +9,9 @@ resize and the padding.
 import numpy as np
 import pytest
 import torch
-from lib.trainers.item_transforms import ToModelInputd
+from lib.trainers.item_transforms import RandJitterBoxd, ToModelInputd
 
+from medsegx.budget import INLOOP_BOX_JITTER_FRACTION
 from medsegx.build import build_model
 from medsegx.data import MedSegDBDataset, scan_id_layout
 from medsegx.items import mask_box
@@ -72,3 +73,13 @@ def test_inference_in_app_and_offline_items_are_bit_identical(tiny_model, tmp_pa
         assert torch.equal(item["context"], inferred_context.cpu())
     assert torch.equal(in_app["label"], offline["label"])
     assert torch.equal(in_app["valid_hw"], offline["valid_hw"])
+
+
+def test_the_train_task_jitters_a_small_box_by_a_share_of_its_side():
+    """The app's in-loop jitter (``box_jitter_fraction``) keeps a 4 px box exact, where the paper's moves it."""
+    sample = {"box": torch.tensor([70.0, 101.0, 73.0, 104.0]), "valid_hw": torch.tensor([256, 256])}
+    in_loop = RandJitterBoxd(max_fraction=INLOOP_BOX_JITTER_FRACTION).set_random_state(0)
+    paper = RandJitterBoxd().set_random_state(0)
+    assert all(torch.equal(in_loop(sample)["box"], sample["box"]) for _ in range(20))
+    moved = torch.stack([paper(sample)["box"] - sample["box"] for _ in range(20)])
+    assert moved[:, :2].min() < 0 and moved[:, 2:].max() > 0

@@ -107,6 +107,24 @@ def test_jitter_box_pushes_out_0_to_19_px_and_clips():
     assert torch.equal(jitter_box(box, (256, 256), max_shift=0), box)
 
 
+def test_jitter_box_by_a_fraction_of_the_side_keeps_small_boxes_tight():
+    # the in-loop recipe: a side moves by 0..round(fraction * extent) - 1 px, at most max_shift - 1
+    generator = torch.Generator().manual_seed(0)
+    box = torch.tensor([40.0, 100.0, 89.0, 119.0])  # 50 x 20 px: bounds 5 (x sides) and 2 (y sides)
+    deltas = torch.stack([(box - jitter_box(box, (256, 256), generator=generator, max_fraction=0.1))
+                          * torch.tensor([1.0, 1.0, -1.0, -1.0]) for _ in range(400)])
+    assert deltas.min() == 0
+    assert deltas[:, [0, 2]].max() == 4 and deltas[:, [1, 3]].max() == 1
+    assert torch.equal(deltas, deltas.round())
+    tiny = torch.tensor([70.0, 101.0, 73.0, 104.0])  # 4 x 4 px: bound 1, the box stays exact
+    assert all(torch.equal(jitter_box(tiny, (256, 256), generator=generator, max_fraction=0.1), tiny)
+               for _ in range(50))
+    inner = torch.tensor([100.0, 100.0, 219.0, 219.0])  # 120 px: bound 12, under the cap
+    shifts = torch.stack([jitter_box(inner, (256, 256), generator=generator, max_fraction=0.5, max_shift=8) - inner
+                          for _ in range(400)])
+    assert shifts[:, 2:].max() == 7 and shifts[:, :2].min() == -7  # the cap wins over half the side
+
+
 def test_sampler_caps_each_structure_and_redraws_per_epoch():
     structures = ["a"] * 10 + ["b"] * 3 + ["c"] * 1
     sampler = StructureBalancedSampler(structures, max_per_structure=4, seed=1)
