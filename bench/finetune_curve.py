@@ -9,7 +9,8 @@ For each case (one structure of a real labelled volume, ``sample-data/real_data.
   task's loader), the validation slices (the training slices below 16 labelled slices, every
   5th of them from 16 on) and the early stop (``EarlyStop``: best-validating weights kept; only
   with held-out slices, i.e. from 16 labelled slices);
-  each step is ``medsegx.steps.train_step`` with the task's box jitter. ``k = 0`` is the
+  each step is ``medsegx.steps.train_step`` with the task's box jitter (``--box-jitter``,
+  ``--box-jitter-fraction``: a tenth of the box's side, at most 20 px). ``k = 0`` is the
   zero-shot model. Dice of the mask the infer task returns for the box (``medsegx.steps.val_step``:
   the predictor's ``box_fit`` choice; until 2026-12-06 this scored the IoU choice).
 - **unet**: MONAI Label's recipe for a single structure, the radiology app's
@@ -46,6 +47,7 @@ Usage::
 
     python bench/finetune_curve.py [--cases ct_pancreas aal_hippocampus] [--ks 0 1 2 4 8] [--seeds 0 1 2]
         [--eval-slices 16] [--cross aal_hippocampus:mni_hippocampus ...] [--threads 1] [--json out.json]
+        [--box-jitter 20 --box-jitter-fraction 0.1] [--loose-eval]
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from real_data import load_cases  # noqa: E402
 from medsegx.budget import INLOOP_BOX_JITTER_FRACTION, INLOOP_LR, INLOOP_TRAIN_ADAPTERS, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
 from medsegx.build import build_model  # noqa: E402
 from medsegx.checkpoint import publish_checkpoint  # noqa: E402
-from medsegx.items import item_from_arrays, jitter_box  # noqa: E402
+from medsegx.items import TRAIN_BOX_JITTER, item_from_arrays, jitter_box  # noqa: E402
 from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices  # noqa: E402
 from medsegx.steps import EncoderMemo, build_optimizer, train_step, val_step  # noqa: E402
 from medsegx.taxonomy import resolve  # noqa: E402
@@ -86,6 +88,12 @@ SLICES_PER_STRUCTURE = 8
 VAL_SLICES_PER_STRUCTURE = 2
 #: ``--unet-cpu-s``: the UNet's CPU seconds per k (None: the same as ours took on that k).
 UNET_CPU_S: float | None = None
+#: ``--box-jitter`` / ``--box-jitter-fraction``: the train task's request keys of the same names.
+BOX_JITTER = TRAIN_BOX_JITTER
+BOX_JITTER_FRACTION = INLOOP_BOX_JITTER_FRACTION
+#: ``--loose-eval``: each side of an evaluation box pushed out by this share of its extent plus LOOSE_PX px.
+LOOSE_FRACTION = 0.1
+LOOSE_PX = 2
 
 
 @dataclass(frozen=True)
@@ -177,8 +185,8 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
         for index in sampler:
             item = train_items[index]
             batch = {key: value[None] for key, value in item.items()}
-            batch["box"] = jitter_box(item["box"], item["valid_hw"], generator=generator,
-                                      max_fraction=INLOOP_BOX_JITTER_FRACTION)[None]
+            batch["box"] = jitter_box(item["box"], item["valid_hw"], BOX_JITTER, generator=generator,
+                                      max_fraction=BOX_JITTER_FRACTION)[None]
             train_step(model, batch, optimizer, memo=memo)
             steps += 1
         if epoch < plan.first_stop_epoch:
@@ -191,6 +199,16 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
     return {"cpu_s": time.process_time() - cpu_start, "steps": steps, "planned_steps": plan.steps,
             "epochs": epoch, "best_epoch": stopper.best_epoch, "train_slices": len(train_items),
             "val_slices": len(val_sampler)}
+
+
+def loosened(item: dict) -> dict:
+    """The item with its box as a user's loose box: each side out by ``LOOSE_FRACTION`` of its extent + ``LOOSE_PX``."""
+    box = item["box"].float()
+    extent = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0
+    margin = torch.round(LOOSE_FRACTION * extent) + LOOSE_PX
+    height, width = (int(v) for v in item["valid_hw"])
+    upper = torch.tensor([width - 1.0, height - 1.0, width - 1.0, height - 1.0])
+    return {**item, "box": torch.minimum((box + margin * torch.tensor([-1.0, -1.0, 1.0, 1.0])).clamp_min(0.0), upper)}
 
 
 def evaluate(model, items: list[dict], memo: EncoderMemo | None = None) -> list[float]:
@@ -241,8 +259,11 @@ def evaluate_unet(net, items: list[dict]) -> list[float]:
 
 # -- one case ------------------------------------------------------------------------------------
 def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float, eval_count: int,
-             cross: Volume | None, save_tuned: Path | None, progress=None) -> list[dict]:
-    """Rows per k: Dice of ours and the UNet per seed; ``progress(rows)`` after every seed's curve."""
+             cross: Volume | None, save_tuned: Path | None, progress=None, loose: bool = False) -> list[dict]:
+    """Rows per k: Dice of ours and the UNet per seed; ``progress(rows)`` after every seed's curve.
+
+    ``loose``: ours is also scored with loosened evaluation boxes (``loosened``), as ``ours_loose``.
+    """
     volume = load_volume(name)
     largest = max(k for k in ks if k > 0) if any(k > 0 for k in ks) else None
     eval_set = evaluation_slices(volume, eval_count, largest or 0)
@@ -252,6 +273,8 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
     eval_items = volume.items(base_model, eval_set)
     cross_items = cross.items(base_model, evenly_spaced(cross.slices, eval_count, ends=False)) if cross else []
     zero_shot = statistics.mean(evaluate(base_model, eval_items, memo))
+    loose_items = [loosened(item) for item in eval_items] if loose else []
+    loose_zero_shot = statistics.mean(evaluate(base_model, loose_items, memo)) if loose else None
     cross_zero_shot = statistics.mean(evaluate(base_model, cross_items, memo)) if cross_items else None
     rows = {k: {"case": name, "k": k, "model_made": volume.model_made, "eval_slices": len(eval_set),
                 "train_slices": [], "ours": [], "unet": []} for k in sorted(ks)}
@@ -263,6 +286,8 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             row = rows[k]
             if k == 0:
                 row["ours"].append(zero_shot)
+                if loose:
+                    row.setdefault("ours_loose", []).append(loose_zero_shot)
                 if cross_items:
                     row["cross_ours"].append(cross_zero_shot)
                 continue
@@ -273,6 +298,8 @@ def run_case(name: str, base_model, ks, seeds, budget: FinetuneBudget, lr: float
             unet, unet_steps = train_unet(train_items, UNET_CPU_S or info["cpu_s"], seed)
             row["ours"].append(statistics.mean(evaluate(model, eval_items, memo)))
             row["unet"].append(statistics.mean(evaluate_unet(unet, eval_items)))
+            if loose:
+                row.setdefault("ours_loose", []).append(statistics.mean(evaluate(model, loose_items, memo)))
             for key, value in (("steps", info["steps"]), ("planned_steps", info["planned_steps"]),
                                ("best_epoch", info["best_epoch"]), ("cpu_s", info["cpu_s"]),
                                ("unet_steps", unet_steps)):
@@ -325,8 +352,9 @@ def monotonic(rows: list[dict]) -> bool:
 
 def markdown(rows: list[dict]) -> str:
     unet_budget = f"{UNET_CPU_S:.0f} CPU s" if UNET_CPU_S else "same CPU s"
-    lines = [f"| case | k | ours Dice (mean ± sd) | UNet Dice, {unet_budget} | steps (planned) | best epoch | CPU s |",
-             "|---|---|---|---|---|---|---|"]
+    loose = any(row.get("ours_loose") for row in rows)
+    lines = [f"| case | k | ours Dice (mean ± sd) |{' ours, loose box |' if loose else ''} UNet Dice, {unet_budget} | "
+             "steps (planned) | best epoch | CPU s |", "|---|---|---|---|---|---|---|" + ("---|" if loose else "")]
     for row in rows:
         if row.get("whole_volume"):
             continue  # scored on another volume only: cross_table
@@ -335,7 +363,8 @@ def markdown(rows: list[dict]) -> str:
                  if row.get("steps") else "0 (zero-shot)")
         best = f"{statistics.mean(row['best_epoch']):.1f}" if row.get("best_epoch") else "-"
         cpu = f"{statistics.mean(row['cpu_s']):.0f}" if row.get("cpu_s") else "-"
-        lines.append(f"| {row['case']}{star} | {row['k']} | {_mean_sd(row['ours'])} | {_mean_sd(row['unet'])} | "
+        loose_cell = f" {_mean_sd(row['ours_loose'])} |" if loose else ""
+        lines.append(f"| {row['case']}{star} | {row['k']} | {_mean_sd(row['ours'])} |{loose_cell} {_mean_sd(row['unet'])} | "
                      f"{steps} | {best} | {cpu} |")
     return "\n".join(lines)
 
@@ -361,7 +390,7 @@ def cross_table(rows: list[dict], cross_name: str) -> str:
 
 
 def main(argv=None) -> int:
-    global VAL_SLICES_PER_STRUCTURE, UNET_CPU_S  # --val-slices-per-structure, --unet-cpu-s
+    global VAL_SLICES_PER_STRUCTURE, UNET_CPU_S, BOX_JITTER, BOX_JITTER_FRACTION  # their flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(DEFAULT_CASES), choices=list(CASES))
     parser.add_argument("--ks", nargs="+", type=int, default=list(DEFAULT_KS))
@@ -376,6 +405,13 @@ def main(argv=None) -> int:
     for name in ("base_steps", "steps_per_slice", "max_steps"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=None,
                             help=f"FinetuneBudget.{name} (default: the train task's, {getattr(FinetuneBudget, name)})")
+    parser.add_argument("--box-jitter", type=int, default=BOX_JITTER,
+                        help="training box jitter bound in px (the train task's box_jitter)")
+    parser.add_argument("--box-jitter-fraction", type=float, default=BOX_JITTER_FRACTION,
+                        help="the bound as a share of the box's side (box_jitter_fraction; 0: --box-jitter for every box, "
+                             "the paper's recipe)")
+    parser.add_argument("--loose-eval", action="store_true",
+                        help=f"also score ours with evaluation boxes {LOOSE_FRACTION:.0%} + {LOOSE_PX} px looser per side")
     parser.add_argument("--cross", nargs="+", default=[], metavar="CASE:OTHER",
                         help="score CASE's models, and one tuned on its whole volume, on OTHER (the same structure "
                              "in another volume)")
@@ -387,6 +423,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     VAL_SLICES_PER_STRUCTURE = args.val_slices_per_structure
     UNET_CPU_S = args.unet_cpu_s
+    BOX_JITTER, BOX_JITTER_FRACTION = args.box_jitter, args.box_jitter_fraction
     budget = FinetuneBudget(**{name: getattr(args, name) for name in ("base_steps", "steps_per_slice", "max_steps")
                                if getattr(args, name) is not None})
     base_model = build_model("lite")
@@ -404,7 +441,7 @@ def main(argv=None) -> int:
     for index, name in enumerate(args.cases):
         cross = load_volume(cross_of[name]) if name in cross_of else None
         rows.extend(run_case(name, base_model, sorted(set(args.ks)), args.seeds, budget, args.lr, args.eval_slices,
-                             cross, args.save_tuned if index == 0 else None, progress))
+                             cross, args.save_tuned if index == 0 else None, progress, args.loose_eval))
     print()
     print(markdown(rows))
     print()
@@ -413,7 +450,7 @@ def main(argv=None) -> int:
         print()
         print(cross_table([row for row in rows if row["case"] == source], target))
     print(f"\n* = model-made (TotalSegmentator) masks. lr {args.lr}, seeds {args.seeds}, budget {budget}, "
-          f"torch threads {args.threads}")
+          f"box jitter {BOX_JITTER} px, fraction {BOX_JITTER_FRACTION}, torch threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
