@@ -73,7 +73,7 @@ from real_data import load_cases  # noqa: E402
 from medsegx.budget import INLOOP_BOX_JITTER_FRACTION, INLOOP_LR, INLOOP_TRAIN_ADAPTERS, EarlyStop, FinetuneBudget, split_for_validation  # noqa: E402
 from medsegx.build import build_model  # noqa: E402
 from medsegx.checkpoint import publish_checkpoint  # noqa: E402
-from medsegx.items import TRAIN_BOX_JITTER, item_from_arrays, jitter_box  # noqa: E402
+from medsegx.items import TRAIN_BOX_JITTER, item_from_arrays, jitter_box, side_extents, widen_box  # noqa: E402
 from medsegx.slices import StructureBalancedSampler, evenly_spaced, structure_slices  # noqa: E402
 from medsegx.steps import EncoderMemo, build_optimizer, train_step, val_step  # noqa: E402
 from medsegx.taxonomy import resolve  # noqa: E402
@@ -203,12 +203,8 @@ def finetune(model, items: list[dict], budget: FinetuneBudget, lr: float, seed: 
 
 def loosened(item: dict) -> dict:
     """The item with its box as a user's loose box: each side out by ``LOOSE_FRACTION`` of its extent + ``LOOSE_PX``."""
-    box = item["box"].float()
-    extent = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0
-    margin = torch.round(LOOSE_FRACTION * extent) + LOOSE_PX
-    height, width = (int(v) for v in item["valid_hw"])
-    upper = torch.tensor([width - 1.0, height - 1.0, width - 1.0, height - 1.0])
-    return {**item, "box": torch.minimum((box + margin * torch.tensor([-1.0, -1.0, 1.0, 1.0])).clamp_min(0.0), upper)}
+    margins = torch.round(LOOSE_FRACTION * side_extents(item["box"])) + LOOSE_PX
+    return {**item, "box": widen_box(item["box"], margins, item["valid_hw"])}
 
 
 def evaluate(model, items: list[dict], memo: EncoderMemo | None = None) -> list[float]:

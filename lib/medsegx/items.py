@@ -31,7 +31,7 @@ from medsegx.modeling.backbones import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from medsegx.transforms import IMAGE_SIZE, ResizeInfo, box_to_model, to_model_input
 
 __all__ = ["TRAIN_BOX_JITTER", "PixelNormalize", "item_from_arrays", "jitter_box", "mask_box", "mask_to_model",
-           "stretch_minmax"]
+           "side_extents", "stretch_minmax", "widen_box"]
 
 # Paper recipe: each box side pushed out by a uniform random 0..19 px during training,
 # i.e. torch.randint(0, TRAIN_BOX_JITTER).
@@ -161,12 +161,22 @@ def jitter_box(box: torch.Tensor, valid_hw: Sequence[int] | torch.Tensor, max_sh
     if max_shift <= 0:
         return box.clone()
     if max_fraction > 0:
-        extent = torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0
-        bounds = torch.clamp(torch.round(max_fraction * extent), 1.0, float(max_shift))
+        bounds = torch.clamp(torch.round(max_fraction * side_extents(box)), 1.0, float(max_shift))
         shifts = torch.floor(torch.rand(4, generator=generator) * bounds)
     else:
         shifts = torch.randint(0, max_shift, (4,), generator=generator).float()
-    jittered = box + shifts * torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    return widen_box(box, shifts, valid_hw)
+
+
+def side_extents(box: torch.Tensor) -> torch.Tensor:
+    """``(4,)`` the extent in px of an inclusive XYXY box along each side's axis: (w, h, w, h)."""
+    box = torch.as_tensor(box, dtype=torch.float32)
+    return torch.stack([box[2] - box[0], box[3] - box[1]]).repeat(2) + 1.0
+
+
+def widen_box(box: torch.Tensor, margins: torch.Tensor, valid_hw: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """Push each side of an XYXY box out by ``margins`` (``(4,)`` px), clipped to the valid (unpadded) area."""
+    widened = torch.as_tensor(box, dtype=torch.float32) + margins * torch.tensor([-1.0, -1.0, 1.0, 1.0])
     height, width = (int(v) for v in valid_hw)
     upper = torch.tensor([width - 1.0, height - 1.0, width - 1.0, height - 1.0])
-    return torch.minimum(jittered.clamp_min(0.0), upper)
+    return torch.minimum(widened.clamp_min(0.0), upper)
