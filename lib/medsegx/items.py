@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medsegx.modeling.backbones import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from medsegx.modeling.normalize import PixelNormalize, stretch_minmax  # re-exported: the item's normalisation
 from medsegx.transforms import IMAGE_SIZE, ResizeInfo, box_to_model, to_model_input
 
 __all__ = ["TRAIN_BOX_JITTER", "PixelNormalize", "item_from_arrays", "jitter_box", "mask_box", "mask_to_model",
@@ -36,36 +36,6 @@ __all__ = ["TRAIN_BOX_JITTER", "PixelNormalize", "item_from_arrays", "jitter_box
 # Paper recipe: each box side pushed out by a uniform random 0..19 px during training,
 # i.e. torch.randint(0, TRAIN_BOX_JITTER).
 TRAIN_BOX_JITTER = 20
-
-
-def stretch_minmax(images: torch.Tensor) -> torch.Tensor:
-    """Each ``(3, h, w)`` image (or each of a ``(B, 3, h, w)`` batch) stretched to 0..255.
-
-    LiteMedSAM's recipe: ``(x - min) / max(max - min, 1e-8)`` over the resized, unpadded image;
-    here scaled by 255 so the backbone's own mean / std (0 / 255 for LiteMedSAM) follows.
-    """
-    low = images.amin(dim=(-3, -2, -1), keepdim=True)
-    high = images.amax(dim=(-3, -2, -1), keepdim=True)
-    return (images - low) * (255.0 / (high - low).clamp_min(1e-8))
-
-
-class PixelNormalize:
-    """``model.normalize`` without a model: ``(images - mean) / std`` on ``(B, 3, h, w)`` 0..255.
-
-    ``model.pixel_normalize()`` gives the one matching a model (the lite backbone stretches
-    each image first, ``minmax``); the defaults are SAM's statistics, what the ViT backbones use.
-    """
-
-    def __init__(self, mean: Sequence[float] = SAM_PIXEL_MEAN, std: Sequence[float] = SAM_PIXEL_STD,
-                 minmax: bool = False):
-        self.mean = torch.tensor(tuple(mean), dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(tuple(std), dtype=torch.float32).view(-1, 1, 1)
-        self.minmax = minmax
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.minmax:
-            images = stretch_minmax(images)
-        return (images - self.mean.to(images.device)) / self.std.to(images.device)
 
 
 def mask_to_model(mask: np.ndarray | torch.Tensor, info: ResizeInfo) -> torch.Tensor:

@@ -148,3 +148,77 @@ def test_dice_per_mask_shape_errors():
         dice_per_mask(torch.zeros(3, 8, 8), torch.zeros(3, 1, 8, 8))
     with pytest.raises(ValueError, match="target"):
         dice_per_mask(torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8))
+
+
+# -- against MONAI's own metrics ------------------------------------------------------------
+GRID = (20, 40, 50)
+SPACING_MM = (3.0, 0.8, 0.8)  # thick slices, fine in-plane: a CT series
+
+
+def ellipsoid(center_mm: tuple[float, ...], radii_mm: tuple[float, ...]) -> np.ndarray:
+    """A solid ellipsoid on ``GRID`` in millimetres (voxel ``i`` sits at ``i * spacing``)."""
+    coordinates = np.indices(GRID, dtype=np.float64) * np.reshape(SPACING_MM, (3, 1, 1, 1))
+    return sum(((axis - c) / r) ** 2 for axis, c, r in zip(coordinates, center_mm, radii_mm)) <= 1.0
+
+
+def _mask_pairs() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    gt = ellipsoid((28.5, 16.0, 19.2), (21.0, 11.0, 14.0))
+    smaller = ellipsoid((31.5, 14.4, 21.6), (18.0, 12.5, 12.0))  # other size and centre, overlapping
+    shifted = np.roll(gt, (1, 3, -2), axis=(0, 1, 2))  # the same shape moved 3 mm, 2.4 mm, -1.6 mm
+    # two more cut by the grid's first slice and its last rows: border voxels count as surface
+    cut = ellipsoid((3.0, 26.0, 32.0), (15.0, 8.0, 9.0))
+    cut_smaller = ellipsoid((6.0, 28.0, 30.0), (12.0, 7.0, 10.0))
+    return {"overlapping": (smaller, gt), "shifted": (shifted, gt), "cut_by_border": (cut_smaller, cut)}
+
+
+MASK_PAIRS = _mask_pairs()
+
+
+def _monai_input(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(mask)[None, None].float()  # (B=1, C=1, D, H, W), one-hot of one class
+
+
+@pytest.mark.parametrize("pair", list(MASK_PAIRS))
+def test_dice_matches_monai(pair):
+    """``dice`` equals MONAI's ``compute_dice`` / ``DiceMetric``; 1e-6 covers MONAI's float32."""
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI (the app extra) is not installed")
+    pred, gt = MASK_PAIRS[pair]
+    assert 0.3 < dice(pred, gt) < 0.95  # real overlap, neither trivial case
+    expected = monai_metrics.compute_dice(_monai_input(pred), _monai_input(gt), include_background=True).item()
+    assert dice(pred, gt) == pytest.approx(expected, abs=1e-6)
+    metric = monai_metrics.DiceMetric(include_background=True, reduction="mean")
+    metric(_monai_input(pred), _monai_input(gt))
+    assert dice(pred, gt) == pytest.approx(metric.aggregate().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("pair", list(MASK_PAIRS))
+@pytest.mark.parametrize("tolerance_mm", [0.8, 1.0, 2.0, 2.4, 3.0, 4.0])
+def test_nsd_matches_monai_surface_dice(pair, tolerance_mm):
+    """``nsd`` equals MONAI's ``compute_surface_dice(use_subvoxels=False)`` to 1e-6.
+
+    Both take the surface as ``mask ^ binary_erosion(mask)`` with scipy's face-connected
+    structure, the grid border counting as background (MONAI crops to the union's box with a
+    1-voxel margin first, which moves no distance), and Euclidean distances between surface
+    voxel centres scaled by the spacing (MONAI: a KD-tree; medsegx: a distance transform), so
+    the voxel counts agree exactly. What is left is MONAI's float32 result (~1e-8), hence 1e-6.
+
+    Tolerances 0.8, 2.4 and 3.0 mm are ties: 1 and 3 in-plane steps, 1 slice. In float64
+    3 * 0.8 = 2.4000000000000004 > 2.4, which MONAI counts as within only because it casts the
+    distances and the tolerance to float32; before ``NSD_TIE_RTOL`` medsegx dropped those voxels
+    (NSD 0.589 vs MONAI 0.625 on the overlapping pair), against its own rule that a distance equal
+    to the tolerance counts as within.
+    """
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI (the app extra) is not installed")
+    pred, gt = MASK_PAIRS[pair]
+    expected = monai_metrics.compute_surface_dice(
+        _monai_input(pred), _monai_input(gt), class_thresholds=[tolerance_mm], include_background=True,
+        spacing=SPACING_MM, use_subvoxels=False,
+    ).item()
+    assert 0.0 < expected < 1.0  # neither trivial case
+    assert nsd(pred, gt, tolerance=tolerance_mm, spacing=SPACING_MM) == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_border_pair_touches_the_border():
+    """``cut_by_border`` checks the border convention: both surfaces include voxels on the grid's faces."""
+    for mask in MASK_PAIRS["cut_by_border"]:
+        assert mask[0].any() and mask[:, -1].any()

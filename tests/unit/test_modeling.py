@@ -1,13 +1,16 @@
 """ConMoAE-SAM architecture: zero-init identity, gates, trainable set, official key names."""
 
+import pickle
 import re
 
 import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 
+from medsegx import items
 from medsegx.build import build_model, context_sizes
 from medsegx.modeling import ConMoAEMLP, KeepResolutionMaskDecoder
+from medsegx.modeling.normalize import PixelNormalize, stretch_minmax
 from medsegx.steps import set_train_mode
 from medsegx.taxonomy import load_taxonomy, resolve
 
@@ -207,6 +210,22 @@ def test_pixel_normalize_is_the_models_normalize(backbone, minmax):
         stretched = expected * model.pixel_std + model.pixel_mean
         assert torch.allclose(stretched.amin(dim=(1, 2, 3)), torch.zeros(2), atol=1e-3)
         assert torch.allclose(stretched.amax(dim=(1, 2, 3)), torch.full((2,), 255.0), atol=1e-3)
+
+
+def test_pixel_normalize_pickles_under_both_names(monkeypatch):
+    """DataLoader workers get ``model.pixel_normalize()`` pickled; it moved from ``medsegx.items`` to
+    ``medsegx.modeling.normalize`` (the network imports nothing above it), and a pickle that names
+    the old place still loads: ``medsegx.items`` re-exports the class."""
+    model = build_model("tiny_lite", pretrained=False)
+    images = torch.rand(1, 3, 24, 32) * 255
+    normalize = model.pixel_normalize()
+    assert torch.equal(pickle.loads(pickle.dumps(normalize))(images), model.normalize(images))
+    assert items.PixelNormalize is PixelNormalize and items.stretch_minmax is stretch_minmax
+    monkeypatch.setattr(PixelNormalize, "__module__", "medsegx.items")
+    old_pickle = pickle.dumps(normalize)
+    assert b"medsegx.items" in old_pickle
+    monkeypatch.undo()
+    assert torch.equal(pickle.loads(old_pickle)(images), model.normalize(images))
 
 
 def test_tuned_decoder_serves_only_its_contexts():

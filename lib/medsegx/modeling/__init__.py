@@ -11,6 +11,7 @@ from medsegx.modeling.backbones import (
 from medsegx.modeling.conmoae import ConMoAEMLP, ContextState, attach_conmoae, context_vectors
 from medsegx.modeling.mask_decoder import KeepResolutionMaskDecoder
 from medsegx.modeling.model import IMAGE_SIZE, MedSegXModel
+from medsegx.modeling.normalize import PixelNormalize
 
 __all__ = [
     "IMAGE_SIZE",
@@ -22,6 +23,7 @@ __all__ = [
     "ContextState",
     "KeepResolutionMaskDecoder",
     "MedSegXModel",
+    "PixelNormalize",
     "attach_conmoae",
     "build_sam_vit",
     "build_tinyvit",

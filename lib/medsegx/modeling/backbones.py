@@ -17,9 +17,8 @@ from segment_anything.modeling import ImageEncoderViT, PromptEncoder, TwoWayTran
 from medsegx.modeling.conmoae import attach_conmoae
 from medsegx.modeling.mask_decoder import KeepResolutionMaskDecoder
 from medsegx.modeling.model import IMAGE_SIZE, MedSegXModel
+from medsegx.modeling.normalize import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 PROMPT_DIM = 256
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from medsegx.modeling.conmoae import ConMoAEMLP, ContextState, context_vectors
+from medsegx.modeling.normalize import PixelNormalize
 
 IMAGE_SIZE = 256
 TRAINABLE_ENCODER_KEYS = ("adapter", "modal_embed", "organ_embed")
@@ -32,7 +33,7 @@ class MedSegXModel(nn.Module):
         pixel_mean, pixel_std: per-channel normalisation of 0..255 input
             (SAM's for ViT; 0 and 255 for LiteMedSAM, which expects 0..1).
         minmax_intensity: stretch each image to its own 0..255 range first
-            (``medsegx.items.stretch_minmax``): LiteMedSAM's training and inference recipe
+            (``medsegx.modeling.normalize.stretch_minmax``): LiteMedSAM's training and inference recipe
             (``(x - min) / (max - min)`` of the resized image); SAM's ViTs see the plain image.
         output_mask_tokens: the decoder's mask tokens returned as the three outputs. MedSegX
             uses SAM's multimask tokens (1, 2, 3). LiteMedSAM was trained single-mask (token 0:
@@ -165,10 +166,8 @@ class MedSegXModel(nn.Module):
         """Args: images (B, 3, h, w) float in 0..255. Returns: backbone input (pad with 0 *after* this)."""
         return self.pixel_normalize()(images)
 
-    def pixel_normalize(self):
-        """``normalize`` as a picklable ``medsegx.items.PixelNormalize`` (for DataLoader workers)."""
-        from medsegx.items import PixelNormalize  # items imports the backbones, which import this module
-
+    def pixel_normalize(self) -> PixelNormalize:
+        """``normalize`` as a picklable ``PixelNormalize`` (for DataLoader workers)."""
         return PixelNormalize(self.pixel_mean.flatten().tolist(), self.pixel_std.flatten().tolist(),
                               minmax=self.minmax_intensity)
 
