@@ -16,7 +16,7 @@ the app uses), with the embedded LiteMedSAM (ConMoAE adapters inert):
   point of the largest error region of the previous mask (foreground where it missed,
   background where it spilled: the usual simulated-user protocol of DeepGrow / SAM);
 - ``3d``: the same first click on the structure's middle slice, propagated through the
-  volume (``Predictor.predict_3d_clicks``), against ``predict_3d`` with the structure's 3D
+  volume (``medsegx.propagation.predict_3d_clicks``), against ``predict_3d`` with the structure's 3D
   bounding box; 3D Dice over the volume.
 
 No timing is involved, so the load of the machine does not matter.
@@ -47,6 +47,7 @@ from build_sample_data import build  # noqa: E402
 from medsegx.build import build_model  # noqa: E402
 from medsegx.metrics import dice  # noqa: E402
 from medsegx.predictor import CLICK_METHODS, Predictor  # noqa: E402
+from medsegx.propagation import predict_3d, predict_3d_clicks  # noqa: E402
 from medsegx.taxonomy import resolve  # noqa: E402
 from medsegx.transforms import prepare_volume  # noqa: E402
 
@@ -108,10 +109,10 @@ def evaluate_slices(predictor: Predictor, prepared, gt, context, key, slices) ->
 def evaluate_3d(predictor: Predictor, prepared, gt, context, key) -> dict[str, float]:
     z_nonempty = np.flatnonzero(gt.any(axis=(1, 2)))
     box = bounding_box(gt.any(axis=0))
-    by_box = predictor.predict_3d(prepared, (*box, int(z_nonempty[0]), int(z_nonempty[-1])), context, key=key)
+    by_box = predict_3d(predictor, prepared, (*box, int(z_nonempty[0]), int(z_nonempty[-1])), context, key=key)
     middle = int(z_nonempty[len(z_nonempty) // 2])
     click = (*deepest_point(gt[middle]), 1)
-    by_click = predictor.predict_3d_clicks(prepared, [click], middle, context, key=key)
+    by_click = predict_3d_clicks(predictor, prepared, [click], middle, context, key=key)
     return {"3d box": dice(by_box.mask, gt), "3d click": dice(by_click.mask, gt)}
 
 

@@ -11,7 +11,7 @@ Measures, on a synthetic 512 x 512 abdominal CT phantom (HU, soft-tissue window)
   package's prompt encoder + mask decoder alone on its cached embedding (the "reference decoder");
 - label switch: the first box again under another label (``spleen``) on the cached slice: a
   cache hit while the adapters are inert (the embedded model), the decoder only;
-- 3D box: ``Predictor.predict_3d`` over 16 and 32 slices of a 512 x 512 volume whose object
+- 3D box: ``medsegx.propagation.predict_3d`` over 16 and 32 slices of a 512 x 512 volume whose object
   spans every slice (one encoder pass per slice), per slice;
 - peak RSS (``resource.getrusage``) of the child after the 3D runs (64-embedding cache), read
   *before* the reference model is loaded into it; the reference's own peak RSS comes from
@@ -140,6 +140,7 @@ def worker_medsegx(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from medsegx.build import build_model
     from medsegx.predictor import Predictor
+    from medsegx.propagation import PropagationSettings, predict_3d
     from medsegx.taxonomy import resolve
     from medsegx.transforms import prepare_volume
 
@@ -163,8 +164,9 @@ def worker_medsegx(args: argparse.Namespace) -> dict:
     for slices in args.slices:
         volume = prepare_volume(phantom_hu(slices, seed=slices), "CT", context, channels=1)
         done = []
-        elapsed = _timed_ms(lambda: done.append(predictor.predict_3d(volume, (*BOX, 0, slices - 1), context,
-                                                                     key=f"volume{slices}", **options)))
+        elapsed = _timed_ms(lambda: done.append(predict_3d(predictor, volume, (*BOX, 0, slices - 1), context,
+                                                       key=f"volume{slices}",
+                                                       settings=PropagationSettings(**options))))
         three_d[slices] = (elapsed / len(done[0].slices), len(done[0].slices))
     peak_rss = _peak_rss_mib()
     cache_entry = _cache_entry_mib(predictor)

@@ -80,6 +80,16 @@ class Case:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     model_made: bool = False
     note: str = ""
+    #: the image's NIfTI affine (voxel (i, j, k) -> world mm); ``None`` where the source has none
+    affine: np.ndarray | None = None
+
+    @property
+    def spacing_zhw(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the ``(Z, H, W)`` axes (1 mm when the affine is unknown)."""
+        if self.affine is None:
+            return (1.0, 1.0, 1.0)
+        i, j, k = np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+        return (float(k), float(j), float(i))
 
 
 class FetchError(RuntimeError):
@@ -151,7 +161,8 @@ def totalsegmentator_case(modality: str, cache: Path = DEFAULT_CACHE) -> Case:
     by_name = {name: value for value, name in _class_map(folder, task).items()}
     masks = {name: labels == by_name[name] for name in wanted if (labels == by_name[name]).any()}
     return Case(f"totalseg_{modality.lower()}", "CT" if modality == "CT" else "MRI", _zhw(folder / f"{image}.nii.gz"),
-                masks, model_made=True, note=f"TotalSegmentator {TOTALSEG_VERSION} output (model-made)")
+                masks, model_made=True, note=f"TotalSegmentator {TOTALSEG_VERSION} output (model-made)",
+                affine=nib.load(folder / f"{image}.nii.gz").affine)
 
 
 def colin27_case(cache: Path = DEFAULT_CACHE) -> Case:
@@ -159,7 +170,8 @@ def colin27_case(cache: Path = DEFAULT_CACHE) -> Case:
     atlas = _zhw(folder / "aal.nii.gz")
     codes = _aal_codes(folder)
     masks = {name: atlas == codes[region] for name, region in AAL.items()}
-    return Case("colin27_aal", "MRI", _zhw(folder / "ch2.nii.gz"), masks, note="AAL atlas (hand-drawn)")
+    return Case("colin27_aal", "MRI", _zhw(folder / "ch2.nii.gz"), masks, note="AAL atlas (hand-drawn)",
+                affine=nib.load(folder / "ch2.nii.gz").affine)
 
 
 def _aal_codes(folder: Path) -> dict[str, int]:

@@ -229,6 +229,7 @@ def _parse_points(values: list[float] | None) -> np.ndarray | None:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from medsegx.predictor import Predictor
+    from medsegx.propagation import predict_3d
     from medsegx.taxonomy import resolve, resolve_modality
     from medsegx.transforms import prepare_intensity, prepare_volume, validate_box, validate_box3d, validate_points
 
@@ -272,7 +273,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = _build_model(args)
     predictor = Predictor(model, cache_size=2)
     if args.box3d is not None:
-        result = predictor.predict_3d(volume, args.box3d, context)
+        result = predict_3d(predictor, volume, args.box3d, context)
         mask, logits = result.mask, result.middle.logits
         summary = (f"segmented slices {result.slices[0]}..{result.slices[-1]} (middle {result.middle_slice}, "
                    f"score {result.middle.score:.3f}), {int(mask.sum())} voxels, {result.timings['total_ms']:.0f} ms")

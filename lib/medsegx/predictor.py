@@ -1,4 +1,4 @@
-"""Box-prompt prediction with an image-embedding cache: 2D slices and 3D propagation.
+"""Box-prompt prediction with an image-embedding cache, slice by slice (3D: ``medsegx.propagation``).
 
 ``Predictor`` wraps a ``MedSegXModel`` like segment-anything's ``SamPredictor``: the image
 encoder's output for an (image, slice, context) triple is kept in a small LRU cache, so a
@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,7 +53,7 @@ from medsegx.transforms import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CacheStats", "Prediction", "Prediction3D", "Predictor", "context_indices"]
+__all__ = ["CacheStats", "Prediction", "Predictor", "context_indices"]
 
 #: Embeddings are kept in half precision: 2 MiB instead of 4 per lite cache entry (128 MiB saved at 64
 #: entries), and decoded from it on a miss too. Against float32 on 24 sample cases: logits rel. L2
@@ -78,8 +78,6 @@ CLICK_GROWTH = 0.5
 CLICK_GROW_ROUNDS = 12
 CLICK_ROUNDS = 2
 CLICK_BOX_MARGIN = 3.0
-#: Limit-box growth of a propagation started from clicks (a 3D box's is 0.1).
-CLICK_LIMIT_GROWTH = 0.5
 #: Logit offset of the stability score (segment-anything's ``calculate_stability_score``).
 STABILITY_OFFSET = 1.0
 
@@ -165,29 +163,6 @@ class Prediction:
         return {"encode_ms": self.encode_ms, "decode_ms": self.decode_ms, "post_ms": self.post_ms,
                 "total_ms": self.encode_ms + self.decode_ms + self.post_ms, "cache_hit": self.cache_hit,
                 "runtime": self.runtime}
-
-
-@dataclass
-class Prediction3D:
-    """A propagated 3D prediction.
-
-    Attributes:
-        mask: ``(Z, H, W)`` bool.
-        scores: ``(Z,)`` float32 predicted IoU per slice; ``nan`` where no slice was segmented.
-        slices: segmented slice indices, ascending (a slice whose mask vanished is included:
-            it was segmented, and it ended the propagation).
-        middle_slice: the slice segmented with the user's box.
-        middle: the full ``Prediction`` of the middle slice (its logits for ``--logits-out``).
-        timings: ``encode_ms`` / ``decode_ms`` / ``post_ms`` summed over slices, ``total_ms``
-            wall time, ``cache_hits``.
-    """
-
-    mask: np.ndarray
-    scores: np.ndarray
-    slices: list[int]
-    middle_slice: int
-    middle: Prediction
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -319,7 +294,7 @@ class Predictor:
         Returns:
             the number of slices encoded.
         """
-        volume = _check_volume(volume)
+        volume = check_volume(volume)
         context_tuple = context_indices(context)
         encoded = 0
         for z in slices:
@@ -388,6 +363,48 @@ class Predictor:
         with self._lock:
             entry, hit, encode_ms = self._embedding(image, key, slice_index, context_tuple)
             return self._decode(entry, hit, encode_ms, box, point_array, select, gt)
+
+    @torch.inference_mode()
+    def predict_boxes(self, image: np.ndarray, boxes: Sequence[Sequence[float] | np.ndarray],
+                      context: TaskContext | Sequence[int], key: Hashable | None = None,
+                      slice_index: int | None = None) -> list[Prediction]:
+        """Several boxes on one image, decoded as one batch on its (cached) embedding.
+
+        Each mask is the output with the highest predicted IoU (``select="iou"``). The first
+        prediction carries the encoder time, the decoder time is shared out evenly.
+
+        Raises:
+            ValueError: no box, a bad box, image or context.
+        """
+        image = _as_rgb_uint8(image)
+        if not len(boxes):
+            raise ValueError("predict_boxes needs at least one box")
+        boxes = [validate_box(box, image.shape[:2]) for box in boxes]
+        context_tuple = context_indices(context)
+        with self._lock:
+            entry, hit, encode_ms = self._embedding(image, key, slice_index, context_tuple)
+            if len(boxes) == 1:
+                return [self._decode(entry, hit, encode_ms, boxes[0], None, "iou", None)]
+            info = entry.info
+            start = time.perf_counter()
+            box_tensor = torch.from_numpy(np.stack([box_to_model(b, info) for b in boxes])).to(self.device)
+            embeddings = entry.embeddings.expand(len(boxes), -1, -1, -1)
+            logits, iou, runtime = self.serving.decode(embeddings, box_tensor, context=entry.context)
+            decode_ms = (time.perf_counter() - start) * 1000.0 / len(boxes)
+        logits, iou = logits.detach().float().cpu().numpy(), iou.detach().float().cpu().numpy()
+        gates = entry.expert_gates[0].float().cpu().numpy()
+        predictions = []
+        for index, box in enumerate(boxes):
+            start = time.perf_counter()
+            chosen = int(np.argmax(iou[index]))
+            mask = mask_from_model(logits[index, chosen], info)
+            stability = _stability(logits[index, chosen])
+            predictions.append(Prediction(
+                mask=mask, logits=logits[index], iou=iou[index], chosen=chosen, score=float(iou[index, chosen]),
+                stability=stability, expert_gates=gates, box_model=box_to_model(box, info), cache_hit=hit,
+                encode_ms=encode_ms if index == 0 else 0.0, decode_ms=decode_ms,
+                post_ms=(time.perf_counter() - start) * 1000.0, runtime=runtime))
+        return predictions
 
     def _decode(self, entry: _Embedding, hit: bool, encode_ms: float, box, point_array, select, gt) -> Prediction:
         info = entry.info
@@ -598,181 +615,9 @@ class Predictor:
             box = grown
         return prediction, decode_ms, post_ms
 
-    # -- 3D -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def predict_3d(
-        self,
-        volume: np.ndarray,
-        box3d: Sequence[float] | np.ndarray,
-        context: TaskContext | Sequence[int],
-        key: Hashable | None = None,
-        margin: int = 3,
-        min_pixels: int = 5,
-        limit_growth: float = 0.1,
-        min_score_ratio: float | None = 0.8,
-        min_stability_ratio: float | None = 0.9,
-    ) -> Prediction3D:
-        """Segment the middle slice of a 3D box, then propagate slice by slice both ways.
 
-        Slice ``zm = (z0 + z1) // 2`` is segmented with the user's 2D box. Moving away from it
-        (``zm + 1 .. z1`` then ``zm - 1 .. z0``), each slice is prompted with the bounding box
-        of its neighbour's mask pushed out by ``margin`` px on every side, clipped to the
-        **limit box**: the user's 2D box grown on each side by ``limit_growth`` x its longer
-        side (at least ``margin`` px), so the propagation can follow a slightly off box but
-        never wanders away. A direction stops at ``z0`` / ``z1`` or at the first slice where
-        the object ended, which is left empty: its mask has fewer than ``min_pixels`` pixels,
-        its stability score is below ``min_stability_ratio`` x the middle slice's, or its
-        predicted IoU is below ``min_score_ratio`` x the middle slice's. SAM-type decoders
-        still outline *something* in a box over plain tissue, only less crisply: on a
-        synthetic CT ellipsoid LiteMedSAM gives stability 0.95-0.97 / IoU 0.95 on the object
-        and stability <= 0.78 / IoU 0.72-0.82 past its end, so the stability test does the
-        work and the IoU test is a second guard. Both are relative, so a model's own logit
-        scale and IoU calibration cancel out.
-
-        Memory stays bounded: slices are encoded one at a time, only the predictor's LRU
-        cache (``cache_size`` embeddings) is kept, and the output is a bool volume.
-
-        Args:
-            volume: prepared ``(Z, H, W)`` or ``(Z, H, W, 3)`` uint8 (``prepare_volume``).
-            box3d: ``(x0, y0, x1, y1, z0, z1)``: inclusive pixel indices, x = column,
-                y = row, z = first axis; clipped if partly outside.
-            context: ``TaskContext`` or 5 ints.
-            key: cache key of the volume (slices are keyed ``(key, z, context)``); ``None``
-                hashes each slice's pixels.
-            margin: px added around the neighbour mask's bounding box.
-            min_pixels: a mask smaller than this counts as vanished.
-            limit_growth: growth of the limit box, a fraction of the user box's longer side.
-            min_score_ratio: relative predicted-IoU stop; ``None`` disables it (e.g. for a
-                model whose IoU head is untrained).
-            min_stability_ratio: relative stability-score stop; ``None`` disables it.
-
-        Returns:
-            ``Prediction3D``.
-
-        Raises:
-            ValueError: bad volume, box or context.
-        """
-        start_total = time.perf_counter()
-        volume = _check_volume(volume)
-        box_xy, z_first, z_last = validate_box3d(box3d, volume.shape[:3])
-        return self._propagate(volume, box_xy, None, (z_first + z_last) // 2, (z_first, z_last), context, key,
-                               margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio, start_total)
-
-    @torch.inference_mode()
-    def predict_3d_clicks(
-        self,
-        volume: np.ndarray,
-        points: Sequence[Sequence[float]] | np.ndarray,
-        slice_index: int,
-        context: TaskContext | Sequence[int],
-        key: Hashable | None = None,
-        box: Sequence[float] | np.ndarray | None = None,
-        z_range: tuple[int, int] | None = None,
-        margin: int = 3,
-        min_pixels: int = 5,
-        limit_growth: float = CLICK_LIMIT_GROWTH,
-        min_score_ratio: float | None = 0.8,
-        min_stability_ratio: float | None = 0.9,
-    ) -> Prediction3D:
-        """Clicks on one slice, propagated through the structure as ``predict_3d`` does a 3D box.
-
-        Slice ``slice_index`` is segmented from its clicks (``predict_clicks``; with ``box``,
-        box + clicks). The propagation then runs both ways through ``z_range`` (default: the
-        whole volume) and stops where the object ends, with the stops of ``predict_3d``. The
-        limit box is the first mask's box grown by ``limit_growth`` x its longer side: a
-        click says less than a drawn box about how far the structure reaches, so the default
-        growth is larger than a 3D box's.
-
-        Args:
-            volume: prepared ``(Z, H, W)`` uint8.
-            points: ``(N, 3)`` rows ``(x, y, label)`` on ``slice_index``, at least one foreground.
-            slice_index: the clicked slice.
-            context, key: as ``predict_3d``.
-            box: optional ``(x0, y0, x1, y1)`` on the clicked slice.
-            z_range: inclusive ``(z0, z1)`` the propagation may reach.
-            margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio: as ``predict_3d``.
-
-        Raises:
-            ValueError: bad volume, slice, points or range.
-        """
-        start_total = time.perf_counter()
-        volume = _check_volume(volume)
-        depth = volume.shape[0]
-        if not 0 <= int(slice_index) < depth:
-            raise ValueError(f"slice_index {slice_index} is outside the volume (valid 0..{depth - 1})")
-        z_first, z_last = (0, depth - 1) if z_range is None else (max(0, int(z_range[0])), min(depth - 1, int(z_range[1])))
-        if not z_first <= int(slice_index) <= z_last:
-            raise ValueError(f"slice_index {slice_index} is outside z_range {z_range}")
-        point_array = validate_points(points, volume.shape[1:3])
-        if point_array is None or not np.any(point_array[:, 2] == 1):
-            raise ValueError("clicks need at least one foreground point")
-        box_xy = None if box is None else validate_box(box, volume.shape[1:3])
-        return self._propagate(volume, box_xy, point_array, int(slice_index), (z_first, z_last), context, key,
-                               margin, min_pixels, limit_growth, min_score_ratio, min_stability_ratio, start_total)
-
-    def _propagate(self, volume, box_xy, points, start_slice, z_range, context, key, margin, min_pixels,
-                   limit_growth, min_score_ratio, min_stability_ratio, start_total) -> Prediction3D:
-        """Segment ``start_slice`` (box and/or clicks), then propagate both ways through ``z_range``."""
-        depth, height, width = volume.shape[:3]
-        z_first, z_last = z_range
-        ratios = (min_score_ratio, min_stability_ratio)
-        if margin < 0 or min_pixels < 1 or limit_growth < 0 or any(r is not None and r < 0 for r in ratios):
-            raise ValueError(f"need margin >= 0, min_pixels >= 1, limit_growth >= 0 and ratios >= 0 or None; got "
-                             f"margin={margin}, min_pixels={min_pixels}, limit_growth={limit_growth}, "
-                             f"min_score_ratio={min_score_ratio}, min_stability_ratio={min_stability_ratio}")
-        context_tuple = context_indices(context)
-
-        mask = np.zeros((depth, height, width), dtype=bool)
-        scores = np.full(depth, np.nan, dtype=np.float32)
-        segmented: list[int] = []
-        totals = {"encode_ms": 0.0, "decode_ms": 0.0, "post_ms": 0.0, "cache_hits": 0}
-
-        def run(z: int, box, min_score: float = -np.inf, min_stability: float = -np.inf) -> Prediction:
-            image = _as_rgb_uint8(volume[z], what=f"volume slice {z}")
-            if z == start_slice and points is not None:
-                prediction = self.predict_clicks(image, points, context_tuple, key=key, slice_index=z, box=box)
-            else:
-                with self._lock:
-                    entry, hit, encode_ms = self._embedding(image, key, z, context_tuple)
-                    prediction = self._decode(entry, hit, encode_ms, box, None, "iou", None)
-            totals["encode_ms"] += prediction.encode_ms
-            totals["decode_ms"] += prediction.decode_ms
-            totals["post_ms"] += prediction.post_ms
-            totals["cache_hits"] += int(prediction.cache_hit)
-            segmented.append(z)
-            scores[z] = prediction.score
-            if (prediction.mask.sum() >= min_pixels and prediction.score >= min_score
-                    and prediction.stability >= min_stability):
-                mask[z] = prediction.mask
-            return prediction
-
-        middle = run(start_slice, box_xy)
-        if box_xy is None:  # clicks alone: the first mask stands in for the user's box
-            box_xy = _mask_box(mask[start_slice]) if mask[start_slice].any() else None
-        if box_xy is not None:
-            grow = max(float(margin), limit_growth * max(box_xy[2] - box_xy[0], box_xy[3] - box_xy[1]))
-            limit = np.array([max(0.0, box_xy[0] - grow), max(0.0, box_xy[1] - grow),
-                              min(width - 1.0, box_xy[2] + grow), min(height - 1.0, box_xy[3] + grow)])
-        min_score = -np.inf if min_score_ratio is None else min_score_ratio * middle.score
-        min_stability = -np.inf if min_stability_ratio is None else min_stability_ratio * middle.stability
-        if mask[start_slice].any():
-            for step, stop in ((1, z_last), (-1, z_first)):
-                z = start_slice
-                while z != stop:
-                    previous = mask[z]
-                    z += step
-                    box = _propagated_box(previous, margin, limit)
-                    if box is None:
-                        break
-                    run(z, box, min_score, min_stability)
-                    if not mask[z].any():
-                        break
-        totals["total_ms"] = (time.perf_counter() - start_total) * 1000.0
-        return Prediction3D(mask=mask, scores=scores, slices=sorted(segmented), middle_slice=start_slice,
-                            middle=middle, timings=totals)
-
-
-def _check_volume(volume: np.ndarray) -> np.ndarray:
+def check_volume(volume: np.ndarray) -> np.ndarray:
+    """A prepared ``(Z, H, W)`` / ``(Z, H, W, 3)`` uint8 volume, or a ``ValueError`` naming what is wrong."""
     volume = np.asarray(volume)
     if volume.ndim == 4 and volume.shape[-1] == 1:
         volume = volume[..., 0]
@@ -827,18 +672,6 @@ def _click_box(mask: np.ndarray, foreground: np.ndarray, margin: float, image_si
     ys = np.concatenate([rows.astype(np.float64), foreground[:, 1]])
     box = np.array([xs.min() - margin, ys.min() - margin, xs.max() + margin, ys.max() + margin])
     return np.clip(box, 0.0, [width - 1, height - 1, width - 1, height - 1])
-
-
-def _propagated_box(previous: np.ndarray, margin: int, limit: np.ndarray) -> np.ndarray | None:
-    """Bounding box of ``previous`` pushed out by ``margin``, clipped to ``limit``; None if disjoint."""
-    rows = np.flatnonzero(previous.any(axis=1))
-    cols = np.flatnonzero(previous.any(axis=0))
-    box = np.array([cols[0] - margin, rows[0] - margin, cols[-1] + margin, rows[-1] + margin], dtype=np.float64)
-    box[:2] = np.maximum(box[:2], limit[:2])
-    box[2:] = np.minimum(box[2:], limit[2:])
-    if box[2] < box[0] or box[3] < box[1]:
-        return None
-    return box
 
 
 def _stability(logits: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """``roi`` (3D Slicer's layout) / ``slice`` / clicks / label validation in the loaded image's voxel indices."""
 
 import pytest
-from lib.infers.prompt import RequestError, check_required, parse_label, parse_prompt
+from lib.infers.prompt import MAX_VOLUME_CLICKS, RequestError, check_required, parse_label, parse_prompt
 
 VOLUME = (192, 160, 48)  # (X, Y, Z) as MONAI's LoadImage returns it
 LABELS = {"liver": 1, "spleen": 2}
@@ -41,9 +41,25 @@ def test_ohif_vista3d_points_and_labels():
     assert prompt.foreground == ((5.0, 6.0),) and prompt.background == ((9.0, 9.0),)
 
 
-def test_clicks_inside_a_3d_box_start_its_propagation():
-    prompt = parse_prompt({"roi": [1, 30, 2, 40, 5, 25], "foreground": [[10, 10, 8]]}, VOLUME)
-    assert prompt.is_3d and prompt.z_range == (5, 25) and prompt.slice_index == 8
+def test_clicks_with_a_3d_box_keep_their_own_slices_in_order():
+    params = {"roi": [1, 30, 2, 40, 5, 25], "foreground": [[10, 10, 8], [12, 12, 30]], "background": [[11, 11, 20]]}
+    prompt = parse_prompt(params, VOLUME)
+    assert prompt.is_3d and prompt.z_range == (5, 25) and prompt.box_slices == (5, 25)
+    # every click acts on its slice, the one outside the box's slices too (it widens the range)
+    assert prompt.clicks == ((10.0, 10.0, 8, True), (12.0, 12.0, 30, True), (11.0, 11.0, 20, False))
+
+
+def test_ohif_points_keep_the_order_they_were_placed_in():
+    prompt = parse_prompt({"points": [[5, 6, 3], [9, 9, 7], [4, 4, 9]], "point_labels": [1, 0, 1]}, VOLUME)
+    assert [click[2:] for click in prompt.clicks] == [(3, True), (7, False), (9, True)]
+
+
+def test_too_many_clicks_on_a_volume_is_a_422_not_a_500():
+    clicks = [[5, 6, z % 48] for z in range(MAX_VOLUME_CLICKS + 1)]
+    with pytest.raises(RequestError, match=f"at most {MAX_VOLUME_CLICKS} clicks per structure"):
+        parse_prompt({"roi": [1, 30, 2, 40, 5, 25], "foreground": clicks}, VOLUME)
+    flat = parse_prompt({"roi": [1, 30, 2, 40], "slice": 3, "foreground": clicks}, VOLUME)  # one slice: no replay
+    assert not flat.is_3d and len(flat.foreground) == 3
 
 
 def test_points_on_the_predicted_slice_only():

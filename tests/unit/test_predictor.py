@@ -22,7 +22,7 @@ import torch
 from medsegx.build import build_model, count_parameters
 from medsegx.cli import main as cli_main
 from medsegx.metrics import dice
-from medsegx.predictor import Prediction, Prediction3D, Predictor, context_indices
+from medsegx.predictor import Prediction, Predictor, context_indices
 from medsegx.taxonomy import resolve
 from medsegx.transforms import mask_from_model, prepare_intensity, prepare_volume, resize_info
 
@@ -308,92 +308,6 @@ def test_context_indices():
         context_indices((1.5, 0, 0, 0, 0))
 
 
-# ----------------------------------------------------------------------------- 3D mechanics
-
-
-def moving_disk_volume(depth=30, first=10, last=20, size=256):
-    """A disk present on slices first..last whose centre moves 2 px per slice, plus a distractor."""
-    objects = np.zeros((depth, size, size), dtype=bool)
-    for z in range(first, last + 1):
-        objects[z] = disk((size, size), (100 + 2 * (z - first), 90 + 2 * (z - first)), 18 - abs(z - 15))
-    distractor = np.zeros_like(objects)
-    distractor[:, 200:240, 200:240] = True  # bright, on every slice, outside the user's box
-    volume = np.where(objects | distractor, 200, 20).astype(np.uint8)
-    return volume, objects
-
-
-def test_propagation_follows_object_and_stops_where_it_ends():
-    volume, objects = moving_disk_volume()
-    model = ThresholdModel()
-    predictor = Predictor(model, cache_size=2)
-    result = predictor.predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER)
-    assert isinstance(result, Prediction3D)
-    assert result.middle_slice == 14
-    assert result.mask.shape == volume.shape and result.mask.dtype == bool
-    assert np.array_equal(result.mask, objects)  # 256 x 256 slices: the stub is exact
-    assert result.slices == list(range(9, 22))  # 10..20 plus the empty 9 and 21 that stopped it
-    assert np.isnan(result.scores[:9]).all() and np.isnan(result.scores[22:]).all()
-    assert model.encode_calls == 13 and predictor.cache_stats.size == 2  # bounded memory
-    assert result.timings["encode_ms"] > 0 and result.timings["total_ms"] >= result.timings["decode_ms"]
-    assert result.middle.logits.shape == (3, 256, 256)
-
-
-def test_propagated_boxes_stay_inside_the_grown_user_box():
-    volume, _ = moving_disk_volume()
-    model = ThresholdModel()
-    Predictor(model).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, margin=3, limit_growth=0.1)
-    boxes = np.array(model.boxes)
-    assert boxes[0].tolist() == [60, 70, 160, 170]  # the middle slice gets the user's box
-    assert boxes[:, :2].min() >= 50 and boxes[:, 2:].max() <= 180  # grown by 0.1 x 100 px
-    assert boxes[:, 2].max() < 200  # never reaches the distractor at x >= 200
-
-
-def test_propagation_stops_on_low_score_and_empty_middle():
-    volume, objects = moving_disk_volume()
-    result = Predictor(ThresholdModel()).predict_3d(volume, (60, 70, 160, 170, 12, 17), LIVER)
-    assert result.slices == list(range(12, 18)) and result.mask[:12].sum() == 0 and result.mask[18:].sum() == 0
-
-    class FadingScore(ThresholdModel):  # predicted IoU drops away from the middle
-        def decode(self, embeddings, boxes, points=None):
-            logits, iou = super().decode(embeddings, boxes, points)
-            return logits, iou * (1.0 - 0.06 * (len(self.boxes) - 1))
-
-    faded = Predictor(FadingScore()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, min_score_ratio=0.8)
-    assert faded.mask[14].any() and faded.mask.sum() < objects.sum()
-    # decode calls 2..4 (slices 15..17) keep >= 0.8 x the middle's IoU; call 5 (slice 18) and 6 (13) do not
-    assert faded.slices == list(range(13, 19)) and faded.mask.any(axis=(1, 2)).nonzero()[0].tolist() == [14, 15, 16, 17]
-
-    class SoftAfterThree(ThresholdModel):  # logits lose their confidence: stability drops to 0
-        def decode(self, embeddings, boxes, points=None):
-            logits, iou = super().decode(embeddings, boxes, points)
-            return (logits if len(self.boxes) <= 3 else logits * 0.05), iou
-
-    soft = Predictor(SoftAfterThree()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER)
-    # decode calls 1..3 = slices 14, 15, 16 are crisp; 17 (call 4) and 13 (call 5) are not
-    assert soft.slices == [13, 14, 15, 16, 17]
-    assert soft.mask.any(axis=(1, 2)).nonzero()[0].tolist() == [14, 15, 16]
-    no_stop = Predictor(SoftAfterThree()).predict_3d(volume, (60, 70, 160, 170, 0, 29), LIVER, min_stability_ratio=None)
-    assert np.array_equal(no_stop.mask, objects)
-    empty = Predictor(ThresholdModel()).predict_3d(volume, (0, 0, 40, 40, 0, 29), LIVER)
-    assert empty.slices == [14] and not empty.mask.any()
-
-
-@pytest.mark.parametrize(
-    ("volume", "box3d", "message"),
-    [
-        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10, 6, 9), r"box3d .*32 x 32 x 4.*z range entirely outside"),
-        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10, 3, 1), "inverted, need z0 <= z1"),
-        (np.zeros((4, 32, 32), np.uint8), (40, 0, 50, 10, 0, 3), r"box3d .*box \(40.0, 0.0, 50.0, 10.0\).*outside"),
-        (np.zeros((4, 32, 32), np.uint8), (0, 0, 10, 10), "6 finite numbers"),
-        (np.zeros((32, 32), np.uint8), (0, 0, 10, 10, 0, 1), r"volume must be \(Z, H, W\)"),
-        (np.zeros((4, 32, 32), np.float32), (0, 0, 10, 10, 0, 1), "uint8.*prepare_volume"),
-    ],
-)
-def test_bad_3d_inputs(volume, box3d, message):
-    with pytest.raises(ValueError, match=message):
-        Predictor(ThresholdModel()).predict_3d(volume, box3d, LIVER)
-
-
 # ----------------------------------------------------------------------------- real weights
 
 
@@ -404,32 +318,6 @@ def test_lite_segments_a_ct_organ_in_a_portrait_slice(lite_model):
     result = Predictor(lite_model).predict(image, bounding_box(organ, pad=4), LIVER)
     assert dice(result.mask, organ) >= 0.9
     assert result.chosen == 0 and result.score > 0.8  # LiteMedSAM's calibrated token
-
-
-def ellipsoid_volume():
-    """48 slices: a bright ellipsoid (slices 20..28) in a darker body, HU -> prepared uint8."""
-    depth, height, width = 48, 128, 160
-    z, y, x = np.ogrid[:depth, :height, :width]
-    organ = ((z - 24) / 4.5) ** 2 + ((y - 60) / 22) ** 2 + ((x - 85) / 28) ** 2 <= 1
-    body = ((y - 64) / 58) ** 2 + ((x - 80) / 74) ** 2 <= 1
-    hu = np.where(body, 0.0, -1000.0) + np.zeros((depth, 1, 1))
-    hu[organ] = 150.0
-    hu += np.random.default_rng(0).normal(0.0, 10.0, hu.shape)
-    return prepare_volume(hu, "CT", LIVER, channels=1), organ
-
-
-def test_lite_3d_propagation_on_an_ellipsoid(lite_model):
-    volume, organ = ellipsoid_volume()
-    slices = np.flatnonzero(organ.any(axis=(1, 2)))
-    x0, y0, x1, y1 = bounding_box(organ.any(axis=0), pad=3)
-    predictor = Predictor(lite_model)
-    result = predictor.predict_3d(volume, (x0, y0, x1, y1, slices[0] - 4, slices[-1] + 4), LIVER, key="ellipsoid")
-    assert dice(result.mask, organ) >= 0.9
-    assert result.middle_slice == 24
-    # the object ends at slices[0] / slices[-1]: beyond it nothing, and propagation stopped
-    assert not result.mask[: slices[0]].any() and not result.mask[slices[-1] + 1:].any()
-    assert slices[0] - 1 <= min(result.slices) and max(result.slices) <= slices[-1] + 1
-    assert np.nanmin(result.scores[result.mask.any(axis=(1, 2))]) > 0.8
 
 
 def test_lite_one_click_segments_the_clicked_organ(lite_model):
@@ -452,15 +340,6 @@ def test_clicks_need_a_foreground_point(tiny_model):
         predictor.predict_clicks(grey_image(), [(10, 10, 1)], LIVER, method="guess")
     with pytest.raises(ValueError, match="a box or at least one point"):
         predictor.predict(grey_image(), None, LIVER)
-
-
-def test_lite_3d_clicks_propagate_through_the_ellipsoid(lite_model):
-    volume, organ = ellipsoid_volume()
-    slices = np.flatnonzero(organ.any(axis=(1, 2)))
-    result = Predictor(lite_model).predict_3d_clicks(volume, [(85, 60, 1)], 24, LIVER, key="ellipsoid")
-    assert dice(result.mask, organ) >= 0.85
-    assert result.middle_slice == 24
-    assert not result.mask[: slices[0] - 1].any() and not result.mask[slices[-1] + 2:].any()
 
 
 # ----------------------------------------------------------------------------- CLI

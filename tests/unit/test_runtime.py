@@ -18,6 +18,7 @@ from medsegx import runtime as runtime_module
 from medsegx.build import build_model
 from medsegx.metrics import dice
 from medsegx.predictor import Predictor
+from medsegx.propagation import predict_3d
 from medsegx.runtime import ServingRuntime, adapters_inert, prompt_rows, weights_stamp
 from medsegx.taxonomy import resolve
 from medsegx.transforms import prepare_volume
@@ -103,8 +104,8 @@ def test_openvino_3d_box_and_clicks_match_eager(lite_pair, sample_data):
     compiled, eager = lite_pair
     volume, context, z, box, (z_first, z_last) = next(structure_slices(sample_data, "ct_phantom", {"liver": 1}, "CT"))
     box3d = (*box, max(z_first, z - 2), min(z_last, z + 2))
-    ours = compiled.predict_3d(volume, box3d, context, key="ct")
-    reference = eager.predict_3d(volume, box3d, context)
+    ours = predict_3d(compiled, volume, box3d, context, key="ct")
+    reference = predict_3d(eager, volume, box3d, context)
     assert ours.slices == reference.slices and ours.middle.runtime == "openvino"
     assert dice(ours.mask, reference.mask) >= 0.99
     centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, 1)

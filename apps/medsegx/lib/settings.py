@@ -58,6 +58,9 @@ class AppSettings:
             may send or name; default 512 x 512 x 2000, a long whole-body CT (``lib/guards.py``).
         max_upload_mb: the largest request body (an uploaded image, a label, a session's files),
             refused before it is read (``docs/MONAILABEL_COMPAT.md`` #8).
+        session_cache_mb: the last propagated requests kept so that a client's next click on the same
+            structure recomputes only what it changes (``medsegx.propagation.SessionCache``; a mask
+            costs ``Z * H * W / 8`` bytes: 9.4 MiB for 512 x 512 x 300); 0 keeps none.
     """
 
     model_dir: Path
@@ -74,10 +77,12 @@ class AppSettings:
     default_label: str = ""
     max_voxels: int = 512 * 512 * 2000
     max_upload_mb: int = 2048
+    session_cache_mb: int = 256
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
 
     KEYS = ("backbone", "sam_checkpoint", "medsegx_checkpoint", "device", "cache_size", "prefetch_slices", "tracking",
-            "tracking_uri", "infer_queue", "labels", "default_label", "max_voxels", "max_upload_mb")
+            "tracking_uri", "infer_queue", "labels", "default_label", "max_voxels", "max_upload_mb",
+            "session_cache_mb")
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, str], app_dir: str | os.PathLike) -> AppSettings:
@@ -108,6 +113,7 @@ class AppSettings:
         infer_queue = _non_negative_int(conf, "infer_queue", cls.infer_queue)
         max_voxels = _positive_int(conf, "max_voxels", cls.max_voxels)
         max_upload_mb = _positive_int(conf, "max_upload_mb", cls.max_upload_mb)
+        session_cache_mb = _non_negative_int(conf, "session_cache_mb", cls.session_cache_mb)
 
         tracking = conf.get("tracking", "mlflow").strip().lower()
         if tracking not in ("mlflow", "none"):
@@ -135,6 +141,7 @@ class AppSettings:
             default_label=conf.get("default_label", "").strip(),
             max_voxels=max_voxels,
             max_upload_mb=max_upload_mb,
+            session_cache_mb=session_cache_mb,
             unknown_keys=unknown,
         )
 

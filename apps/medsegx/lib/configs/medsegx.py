@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medsegx.checkpoint import CheckpointError
+from medsegx.propagation import SessionCache
 from monailabel.interfaces.config import TaskConfig
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.scoring import ScoringMethod
@@ -60,13 +61,14 @@ class MedSegX(TaskConfig):
     def infer(self) -> dict[str, InferTask]:
         """Two entries on one model and cache: what 3D Slicer and OHIF each list (``lib/infers/medsegx.py``)."""
         prepared, loaded = PreparedVolumes(capacity=2), LoadedImages(capacity=1)
+        sessions = SessionCache(max_bytes=self.settings.session_cache_mb * 2**20)
         return {
             self.name: MedSegXInfer(self.store, self.label_map, self.settings, prepared, kind=DEEPGROW,
-                                    prefetcher=self.prefetcher, loaded_images=loaded),
+                                    prefetcher=self.prefetcher, loaded_images=loaded, sessions=sessions),
             f"{self.name}_labels": MedSegXInfer(
                 self.store, self.label_map, self.settings, prepared, kind=VISTA3D,
                 description="MedSegX (ConMoAE-SAM) for OHIF: pick a label, click on it -> mask", prefetcher=self.prefetcher,
-                loaded_images=loaded),
+                loaded_images=loaded, sessions=sessions),
         }
 
     def trainer(self) -> TrainTask | None:

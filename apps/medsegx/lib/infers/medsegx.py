@@ -45,6 +45,7 @@ import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 
+from medsegx.propagation import Click, SessionCache, VolumeSession, segment
 from medsegx.taxonomy import resolve
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -70,8 +71,6 @@ from lib.settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
-#: Limit-box growth of a 3D box's propagation (``Predictor.predict_3d``'s default).
-BOX_LIMIT_GROWTH = 0.1
 # Result files: a DICOM series (a folder) has no extension of its own; JPEG would blur labels.
 _DEFAULT_EXTENSIONS = {".jpg": ".png", ".jpeg": ".png"}
 
@@ -93,11 +92,14 @@ class MedSegXInfer(BasicInferTask):
         kind: ``deepgrow`` (result value 1) or ``vista3d`` (result value = label value).
         prefetcher: encodes the slices next to each volume request while the server is idle.
         loaded_images: the last loaded images, shared by every entry of the same model.
+        sessions: the last propagated requests' state (``medsegx.propagation.SessionCache``), so a
+            client's next click costs that click only; shared by every entry of the same model.
     """
 
     def __init__(self, store: ModelStore, label_map: LabelMap, settings: AppSettings,
                  prepared: PreparedVolumes | None = None, kind: str = DEEPGROW, description: str = "",
-                 prefetcher: NeighbourPrefetcher | None = None, loaded_images: LoadedImages | None = None):
+                 prefetcher: NeighbourPrefetcher | None = None, loaded_images: LoadedImages | None = None,
+                 sessions: SessionCache | None = None):
         if kind not in INFER_KINDS:
             raise ValueError(f"kind must be one of {', '.join(INFER_KINDS)}, got {kind!r}")
         super().__init__(
@@ -116,6 +118,7 @@ class MedSegXInfer(BasicInferTask):
         self.prepared = prepared if prepared is not None else PreparedVolumes(capacity=2)
         self.prefetcher = prefetcher
         self.loaded_images = loaded_images if loaded_images is not None else LoadedImages()
+        self.sessions = sessions if sessions is not None else SessionCache()
 
     def is_valid(self) -> bool:
         return True  # the embedded LiteMedSAM needs no file; configured files are checked at start
@@ -217,7 +220,7 @@ class MedSegXInfer(BasicInferTask):
                     _, label_xyz, model_json = self._predict_picture(loaded.predictor, array, prompt, context, image_path)
                 else:
                     mask_zhw, model_json, neighbourhood = self._predict_volume(
-                        loaded.predictor, array, prompt, context, modality.modality, key, image_path
+                        loaded.predictor, array, prompt, context, modality.modality, key, image_path, loaded.version
                     )
                     z_first, z_last = neighbourhood[1:3]  # no voxel of the mask lies outside
                     label_xyz = mask_zhw_to_xyz(mask_zhw[z_first:z_last + 1])
@@ -274,7 +277,8 @@ class MedSegXInfer(BasicInferTask):
         prediction = _predict_slice(predictor, image_hw, prompt, context, _image_key(image_path, "picture"), 0)
         return prediction, np.swapaxes(prediction.mask, 0, 1), _prediction_json(prediction)
 
-    def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, key, image_path):
+    def _predict_volume(self, predictor, array, prompt: Prompt, context, modality: str, key, image_path,
+                        version=None):
         """(mask (Z, H, W), model JSON, (prepared volume, first and last slice segmented, cache key)).
 
         ``array``: the ``(X, Y, Z)`` pixels, or ``None`` when they were released (the prepared volume
@@ -291,17 +295,34 @@ class MedSegXInfer(BasicInferTask):
             model_json = _prediction_json(prediction)
             segmented = (z, z)
         else:
-            if not prompt.has_clicks:
-                prediction = predictor.predict_3d(prepared, (*prompt.box_xyxy, *prompt.z_range), context, key=key)
-            else:  # clicks start the propagation on their slice; a drawn box keeps a 3D box's limit
-                growth = {"limit_growth": BOX_LIMIT_GROWTH} if prompt.box_xyxy is not None else {}
-                prediction = predictor.predict_3d_clicks(prepared, _point_rows(prompt), prompt.slice_index, context,
-                                                         key=key, box=prompt.box_xyxy, z_range=prompt.z_range, **growth)
+            prediction = self._segment_volume(predictor, prepared, prompt, context, key, version)
             mask = prediction.mask
             model_json = _prediction_3d_json(prediction)
-            segmented = (prediction.slices[0], prediction.slices[-1])
+            masked = np.flatnonzero(mask.any(axis=(1, 2)))
+            ends = [*prediction.slices[:1], *prediction.slices[-1:], *masked[:1], *masked[-1:]]
+            segmented = (int(min(ends)), int(max(ends)))
         model_json["model_latencies"]["prepared_volume_cached"] = prepared_hit
         return mask, model_json, (prepared, *segmented, key)
+
+    def _segment_volume(self, predictor, prepared, prompt: Prompt, context, key, version):
+        """A propagated request through ``medsegx.propagation.segment``: a 3D box, then every click on its
+        own slice, resumed from the kept session of the same image, structure, box and model."""
+        clicks = [Click(x, y, z, is_foreground) for x, y, z, is_foreground in prompt.clicks]
+        if prompt.box_slices is not None:
+            box3d = (*prompt.box_xyxy, *prompt.box_slices)
+            prediction = segment(predictor, prepared, context, key=key, box3d=box3d, clicks=clicks,
+                                 cache=self.sessions, cache_key=(key, context.indices, version)).result()
+        elif prompt.box_xyxy is not None:  # a one-slice box with propagated clicks: it starts on its slice
+            session = VolumeSession(predictor, prepared, context, key, prompt.z_range)
+            session.add_box(prompt.box_xyxy, start_slice=prompt.slice_index)
+            for click in clicks:
+                session.add_click(click)
+            prediction = session.result()
+        else:
+            prediction = segment(predictor, prepared, context, key=key, clicks=clicks, z_range=prompt.z_range,
+                                 cache=self.sessions,
+                                 cache_key=(key, context.indices, version)).result()
+        return prediction
 
     def writer(self, data: dict[str, Any], extension=None, dtype=None):
         """NIfTI results are written with nibabel; other formats by MONAI Label's ``Writer``.

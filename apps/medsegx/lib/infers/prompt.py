@@ -13,9 +13,12 @@ not sorted (an affine that flips an axis, as most DICOM-derived CT has, gives
 box that sticks out of the image is clipped; one that misses the image is a 422.
 
 Clicks: ``foreground`` / ``background`` = ``[[i, j, k], ...]`` (Slicer, OHIF ``deepgrow``) or
-``points`` + ``point_labels`` (OHIF ``vista3d``: 1 foreground, 0 background). The prompted
-slice is the box's (one slice) or, with clicks and no one-slice box, the last foreground
-click's; clicks on other slices do not prompt it.
+``points`` + ``point_labels`` (OHIF ``vista3d``: 1 foreground, 0 background). On a volume every
+click acts on its own slice (``Prompt.clicks``, in the order the client sent them: Slicer's
+foreground list, then its background list; OHIF's points as placed), through
+``medsegx.propagation``: a 3D box is segmented first and each click corrects it; clicks alone
+start from the first foreground click. A one-slice request (``slice``, ``propagate: false``, a
+2D picture) segments the one slice with the clicks on it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ ROI_LAYOUT = "[i_a, i_b, j_a, j_b, k_a, k_b] voxel indices (3D Slicer's ROI layo
 _NO_PROMPT = f"a prompt is required: roi = {ROI_LAYOUT}, or at least one foreground click [i, j, k]"
 #: The most points one request may carry (Slicer and OHIF send a handful).
 MAX_POINTS = 1000
+#: The most clicks one propagated (3D) request may carry: each is a correction replayed in order when
+#: the server has not kept the request before it (``medsegx.propagation.SessionCache``).
+MAX_VOLUME_CLICKS = 100
 #: The longest structure name a request may carry (MedSegDB names and Slicer segment names are short).
 MAX_LABEL_CHARS = 128
 #: 3D Slicer names new segments "Segment_1", "Segment_2", ...: not a structure name.
@@ -61,6 +67,9 @@ class Prompt:
         slice_index: the slice segmented first (the box's middle slice, or the clicked one).
         is_3d: True when more than one slice may be segmented (3D box or propagated clicks).
         foreground / background: ``(x, y)`` clicks on ``slice_index``.
+        clicks: every click ``(x, y, z, is_foreground)`` in the order sent (a 3D request's prompts;
+            ``z`` 0 on a picture).
+        box_slices: ``(z0, z1)`` of a box of more than one slice (a 3D box), else ``None``.
     """
 
     box_xyxy: tuple[int, int, int, int] | None
@@ -69,6 +78,8 @@ class Prompt:
     is_3d: bool
     foreground: tuple[tuple[float, float], ...] = ()
     background: tuple[tuple[float, float], ...] = ()
+    clicks: tuple[tuple[float, float, int, bool], ...] = ()
+    box_slices: tuple[int, int] | None = None
 
     @property
     def has_clicks(self) -> bool:
@@ -80,7 +91,8 @@ class Prompt:
             x0, y0, x1, y1 = self.box_xyxy
             roi = [x0, x1, y0, y1, self.z_range[0], self.z_range[1]]
         return {"roi": roi, "slice": self.slice_index, "mode": "3d" if self.is_3d else "2d",
-                "clicks": {"foreground": len(self.foreground), "background": len(self.background)}}
+                "clicks": {"foreground": sum(1 for c in self.clicks if c[3]),
+                           "background": sum(1 for c in self.clicks if not c[3])}}
 
 
 def _numbers(value: Any, what: str) -> list[float]:
@@ -210,9 +222,8 @@ def parse_prompt(params: Mapping[str, Any], spatial_shape: Sequence[int], propag
         clicked = next((round(p[2]) for p in reversed(foreground) if len(p) == 3), None)
         if forced is not None:  # a 2D request: this slice only
             slice_index, z_range, is_3d = forced, (forced, forced), False
-        elif box_z is not None and box_z[1] > box_z[0]:  # a 3D box, started at the clicked slice if any
-            inside = clicked is not None and box_z[0] <= clicked <= box_z[1]
-            slice_index = clicked if inside else (box_z[0] + box_z[1]) // 2
+        elif box_z is not None and box_z[1] > box_z[0]:  # a 3D box; clicks correct it on their own slices
+            slice_index = (box_z[0] + box_z[1]) // 2
             z_range, is_3d = box_z, True
         else:
             if box_z is not None:
@@ -226,8 +237,34 @@ def parse_prompt(params: Mapping[str, Any], spatial_shape: Sequence[int], propag
     def on_slice(points: list[list[float]]) -> tuple[tuple[float, float], ...]:
         return tuple((p[0], p[1]) for p in points if len(p) == 2 or not volume or round(p[2]) == slice_index)
 
+    def with_slice(points: list[list[float]], is_foreground: bool) -> list[tuple[float, float, int, bool]]:
+        return [(p[0], p[1], round(p[2]) if len(p) == 3 and volume else slice_index, is_foreground) for p in points]
+
+    clicks = _ordered_clicks(params, with_slice(foreground, True), with_slice(background, False))
+    if is_3d and len(clicks) > MAX_VOLUME_CLICKS:
+        raise RequestError(f"{len(clicks)} clicks on a volume; at most {MAX_VOLUME_CLICKS} clicks per structure are "
+                           "accepted (start a new segment, or send `slice` to segment one slice)")
+    box_slices = box_z if box_z is not None and box_z[1] > box_z[0] and is_3d else None
     return Prompt(box_xyxy=box, z_range=z_range, slice_index=slice_index, is_3d=is_3d,
-                  foreground=on_slice(foreground), background=on_slice(background))
+                  foreground=on_slice(foreground), background=on_slice(background), clicks=tuple(clicks),
+                  box_slices=box_slices)
+
+
+def _ordered_clicks(params: Mapping[str, Any], foreground: list, background: list) -> list:
+    """Clicks in the order the client made them, as far as it says: OHIF's ``points`` are in order
+    (placed after any ``foreground`` / ``background`` keys); Slicer's two lists are foreground first."""
+    points = _point_list(params.get("points"), "points")
+    if not points:
+        return foreground + background
+    listed_foreground = len(_point_list(params.get("foreground"), "foreground"))
+    listed_background = len(_point_list(params.get("background"), "background"))
+    ordered = foreground[:listed_foreground] + background[:listed_background]
+    extra_foreground, extra_background = iter(foreground[listed_foreground:]), iter(background[listed_background:])
+    labels = params.get("point_labels")
+    labels = [1] * len(points) if _empty(labels) else _numbers(labels, "point_labels")
+    for label in labels:
+        ordered.append(next(extra_foreground) if label == 1 else next(extra_background))
+    return ordered
 
 
 def check_required(params: Mapping[str, Any]) -> None:
