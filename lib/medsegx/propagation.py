@@ -159,7 +159,7 @@ class VolumeSession:
         self.keyframes: set[int] = set()
         self.limit: np.ndarray | None = None  # (x0, y0, x1, y1) propagation never leaves
         self.reference: _Reference | None = None
-        self.boxed = False  # a 3D box set the range
+        self.box_slices: tuple[int, int] | None = None  # the slices a 3D box spans
         self.start_slice: int | None = None
         self.first: Prediction | None = None
         self.segmented: set[int] = set()
@@ -212,9 +212,11 @@ class VolumeSession:
         self.segmented.add(z)
         return predictions
 
-    def _passes(self, prediction: Prediction, reference: _Reference) -> bool:
+    def _passes(self, prediction: Prediction, reference: _Reference, z: int) -> bool:
+        """Slice ``z``'s prediction still shows the object (inside a 3D box's slices the box's stops apply)."""
         s = self.settings
-        score_ratio, stability_ratio = ((s.box_min_score_ratio, s.box_min_stability_ratio) if self.boxed
+        inside_box = self.box_slices is not None and self.box_slices[0] <= z <= self.box_slices[1]
+        score_ratio, stability_ratio = ((s.box_min_score_ratio, s.box_min_stability_ratio) if inside_box
                                         else (s.min_score_ratio, s.min_stability_ratio))
         return (prediction.mask.sum() >= s.min_pixels
                 and (score_ratio is None or prediction.score >= score_ratio * reference.score)
@@ -257,7 +259,7 @@ class VolumeSession:
                 return
             prediction = self._decode(z, [box])[0]
             old = self.mask[z].copy()
-            if not self._passes(prediction, reference):
+            if not self._passes(prediction, reference, z):
                 if not correcting or not old.any():
                     self.scores[z] = prediction.score
                     self.mask[z] = False
@@ -284,7 +286,7 @@ class VolumeSession:
         """
         box_xy = np.asarray(box_xy, dtype=np.float64)
         self.limit = self._grown_limit(box_xy, self.settings.limit_growth)
-        self.boxed = start_slice is None
+        self.box_slices = self.z_range if start_slice is None else None
         z0, z1 = self.z_range
         if start_slice is not None:
             candidates = [(int(start_slice), box_xy)]
@@ -328,8 +330,11 @@ class VolumeSession:
             self._remove_background(click)
 
     def _add_foreground(self, click: Click) -> None:
-        """A foreground click: the structure under it joins the slice's mask, and is followed to the
-        neighbouring slices; on a slice that had no mask, propagation starts over from it."""
+        """A foreground click: the structure under it joins the slice's mask. On a slice that had no
+        mask, propagation starts over from it; a separate piece it adds is followed to the next slices
+        (``_follow_added``). A piece joined to the mask (a boundary the mask fell short of) stays on its
+        slice: following those too gave 2 of 20 real structures a round 0.06-0.08 worse
+        (``bench/interactive.py``: gallbladder, MR aorta) for 0.003 less mean DSC_AUC."""
         z = click.z
         old = self.mask[z].copy()
         if _inside(old, click):
@@ -338,7 +343,11 @@ class VolumeSession:
         foreground, background = points[points[:, 2] == 1, :2], points[points[:, 2] == 0, :2]
         boxes = self._foreground_boxes(z, click)
         chosen = _best_obeying(self._decode(z, boxes) if boxes else [], foreground, background)
-        if chosen is None:
+        if chosen is None:  # no box makes the model take in the click: the click's own neighbourhood, so it still counts
+            added = _disk(old.shape, click.x, click.y, self._miss_radius(z, click)) & ~_components_hit(old, background)
+            self.mask[z] = old | added
+            for step in (1, -1):
+                self._follow_added(z, step, added & ~old, self.reference)
             return
         added = component_at(chosen.mask, np.array([[click.x, click.y]]))
         if old.any() and FOREGROUND_REACH:  # the miss around the click reaches about as far as the click is from the mask
@@ -349,9 +358,22 @@ class VolumeSession:
         reference = _Reference(min(chosen.score, self.reference.score), min(chosen.stability, self.reference.stability))
         for step in (1, -1):
             if old.any():
-                self._follow_added(z, step, added & ~old, reference)
+                fresh = added & ~old
+                if not (ndimage.binary_dilation(fresh) & old).any():  # a separate piece: it may go on
+                    self._follow_added(z, step, fresh, reference)
             else:
                 self._chain(z, step, reference, correcting=True)
+
+    def _miss_radius(self, z: int, click: Click) -> float:
+        """How far a missed region around a foreground click reaches: its distance to the slice's mask, or
+        on a slice without one, half the equivalent radius of the nearest slice's mask (at least 1 px)."""
+        old = self.mask[z]
+        if old.any():
+            return max(1.0, float(ndimage.distance_transform_edt(~old)[int(round(click.y)), int(round(click.x))]))
+        neighbour = self._nearest_masked(z)
+        if neighbour is None:
+            return 1.0
+        return max(1.0, 0.5 * float(np.sqrt(self.mask[neighbour].sum() / np.pi)))
 
     def _follow_added(self, start: int, step: int, added: np.ndarray, reference: _Reference) -> None:
         """Follow a region a foreground click added through the next slices: each is prompted with the
@@ -367,7 +389,7 @@ class VolumeSession:
             if box is None:
                 return
             prediction = self._decode(z, [box])[0]
-            if not self._passes(prediction, reference):
+            if not self._passes(prediction, reference, z):
                 return
             found = _components_hit(prediction.mask, np.argwhere(region)[:, ::-1].astype(np.float64))
             new = found & ~self.mask[z]
@@ -377,7 +399,8 @@ class VolumeSession:
             region = found
 
     def _remove_background(self, click: Click) -> None:
-        """A background click: the leak under it leaves the slice's mask (a separate piece whole, else a
+        """A background click: the leak under it leaves the slice's mask (a separate piece no larger than
+        the rest whole, else a
         disk around the click as wide as the click is deep in the mask); a slice emptied so is a wall:
         what lay past it, away from the structure, was reached through it and is cleared. Carrying the
         disk to the neighbouring slices (a ball) was measured and left out: 20 real structures'
@@ -390,8 +413,8 @@ class VolumeSession:
         points = self._points_on(z)
         foreground = points[points[:, 2] == 1, :2]
         hit = _components_hit(old, np.array([[click.x, click.y]]))
-        if hit.any() and (old & ~hit).any() and not _any_inside(hit, foreground):
-            self.mask[z] = old & ~hit  # a separate piece leaked: remove it
+        if hit.any() and hit.sum() <= (old & ~hit).sum() and not _any_inside(hit, foreground):
+            self.mask[z] = old & ~hit  # a separate, smaller piece leaked: remove it
         else:  # the leak around the click reaches about as far as the click is from the mask's edge
             radius = max(1.0, float(ndimage.distance_transform_edt(old)[int(round(click.y)), int(round(click.x))]))
             self.mask[z] = old & ~_disk(old.shape, click.x, click.y, radius + 0.5)

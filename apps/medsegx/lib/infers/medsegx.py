@@ -17,10 +17,11 @@ Request params (multipart form field ``params``, JSON), besides MONAI Label's ow
   The name picks the ConMoAE context through the MedSegDB taxonomy;
 - ``roi``: ``[i_a, i_b, j_a, j_b, k_a, k_b]`` voxel indices (Slicer's ROI layout, pairs in
   any order); ``k_a == k_b`` gives one slice, else 3D propagation through the box;
-- ``foreground`` / ``background``: ``[[i, j, k], ...]`` clicks (or ``points`` +
-  ``point_labels``). Without a box, clicks segment their slice and, on a volume, are
-  propagated through the structure (``propagate: false`` keeps the clicked slice); with a
-  box they refine it on their slice (a 3D box then starts its propagation there);
+- ``foreground`` / ``background``: ``[[i, j, k], ...]`` clicks (or ``points`` + ``point_labels``).
+  On a volume each click corrects the mask on its own slice and the change is propagated
+  (``medsegx.propagation``): a 3D box is segmented first, clicks alone start from the first
+  foreground click; the server keeps the last requests (``--conf session_cache_mb``) so a request
+  that adds one click costs that click. ``propagate: false`` keeps the clicked slice;
 - ``slice``: segment this slice only;
 - ``modality``: else DICOM ``Modality``, else detected from intensities (``lib/modality.py``).
 
@@ -299,7 +300,7 @@ class MedSegXInfer(BasicInferTask):
             mask = prediction.mask
             model_json = _prediction_3d_json(prediction)
             masked = np.flatnonzero(mask.any(axis=(1, 2)))
-            ends = [*prediction.slices[:1], *prediction.slices[-1:], *masked[:1], *masked[-1:]]
+            ends = [*prediction.slices[:1], *prediction.slices[-1:], *masked[:1], *masked[-1:]] or [prompt.slice_index]
             segmented = (int(min(ends)), int(max(ends)))
         model_json["model_latencies"]["prepared_volume_cached"] = prepared_hit
         return mask, model_json, (prepared, *segmented, key)
@@ -448,7 +449,8 @@ def _prediction_3d_json(prediction) -> dict[str, Any]:
             "total": round(timings.get("total_ms", 0.0) / 1000.0, 4),
             "slices": len(prediction.slices),
             "cache_hits": int(timings.get("cache_hits", 0)),
-            "cache_hit": int(timings.get("cache_hits", 0)) == len(prediction.slices) and bool(prediction.slices),
+            # no encoder pass in this request (a resumed session may decode no slice at all)
+            "cache_hit": int(timings.get("cache_hits", 0)) == len(prediction.slices),
             "runtime": prediction.middle.runtime,
         },
     }
