@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from medsegx.metrics import dice
+from slicer_helpers import slicer_error
 
 pytestmark = pytest.mark.server
 
@@ -44,14 +45,7 @@ def http_error(call) -> tuple[int, str]:
 
     with pytest.raises(MONAILabelClientException) as info:
         call()
-    match = re.search(r"Status: (\d+); Response: (.*)", info.value.msg, re.S)
-    assert match, info.value.msg
-    body = match.group(2)
-    try:
-        detail = json.loads(body).get("detail", body)
-    except ValueError:
-        detail = body
-    return int(match.group(1)), str(detail)
+    return slicer_error(info.value)
 
 
 @pytest.fixture(scope="module")

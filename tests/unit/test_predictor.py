@@ -1,13 +1,11 @@
-"""medsegx.predictor (embedding cache, 2D predict, 3D propagation) and the ``medsegx`` CLI.
+"""medsegx.predictor (embedding cache, 2D predict, clicks) and the ``medsegx`` CLI (3D: test_propagation.py).
 
-Three models keep this fast: a weight-free ``ThresholdModel`` for the propagation mechanics,
-the tiny random ``tiny_vit`` for the cache and output contract, and the real LiteMedSAM
-weights (``build_model("lite")``, built once per module) for accuracy and the CLI.
+Two models keep this fast: the tiny random ``tiny_vit`` for the cache and output contract, and the
+real LiteMedSAM weights (``build_model("lite")``, built once per module) for accuracy and the CLI.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import subprocess
 import sys
@@ -32,36 +30,6 @@ SPLEEN = resolve("spleen", "CT")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class ThresholdModel(torch.nn.Module):
-    """Weight-free stand-in: the "embedding" is the image, the mask = bright pixels in the box."""
-
-    backbone = "stub"
-
-    def __init__(self, score: float = 0.9) -> None:
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.score = score
-        self.encode_calls = 0
-        self.boxes: list[list[float]] = []
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return images / 255.0
-
-    def encode(self, images: torch.Tensor, context: torch.Tensor):
-        self.encode_calls += 1
-        return images[:, :1].clone(), torch.zeros(images.shape[0], 2, 4)
-
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, points=None):
-        x0, y0, x1, y1 = boxes[0].tolist()
-        self.boxes.append([x0, y0, x1, y1])
-        size = embeddings.shape[-1]
-        rows, cols = torch.arange(size)[:, None], torch.arange(size)[None]
-        inside = (cols >= math.floor(x0)) & (cols <= math.ceil(x1)) & (rows >= math.floor(y0)) & (rows <= math.ceil(y1))
-        foreground = (embeddings[0, 0] > 0.5) & inside
-        logits = torch.where(foreground, 10.0, -10.0)[None, None].repeat(1, 3, 1, 1)
-        return logits, torch.tensor([[self.score, 0.5, 0.1]])
 
 
 def disk(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
