@@ -222,8 +222,8 @@ def test_the_session_cache_is_bounded_in_bytes():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="converge_dice"):
-        PropagationSettings(converge_dice=0)
+    with pytest.raises(ValueError, match="margin >= 0"):
+        PropagationSettings(margin=-1)
     volume, _ = moving_disk_volume()
     with pytest.raises(ValueError, match="z_range"):
         VolumeSession(Predictor(BrightInBox()), volume, LIVER, z_range=(20, 10))

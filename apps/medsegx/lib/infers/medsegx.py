@@ -450,7 +450,7 @@ def _prediction_3d_json(prediction) -> dict[str, Any]:
             "slices": len(prediction.slices),
             "cache_hits": int(timings.get("cache_hits", 0)),
             # no encoder pass in this request (a resumed session may decode no slice at all)
-            "cache_hit": int(timings.get("cache_hits", 0)) == len(prediction.slices),
+            "cache_hit": int(timings.get("encoder_passes", 0)) == 0,
             "runtime": prediction.middle.runtime,
         },
     }
