@@ -569,7 +569,7 @@ class Predictor:
         post_ms = (time.perf_counter() - start) * 1000.0
         prediction = self._decode(entry, hit, encode_ms, boxes[best_index], None, "iou", None)
         decode_ms, post_ms = decode_ms + prediction.decode_ms, post_ms + prediction.post_ms
-        mask = _component_at(prediction.mask, foreground)
+        mask = component_at(prediction.mask, foreground)
         if mask.any():
             refined = self._decode(entry, hit, encode_ms, _click_box(mask, foreground, margin, image_size),
                                    None, "iou", None)
@@ -595,13 +595,13 @@ class Predictor:
             prediction = self._decode(entry, hit, encode_ms, box, prompt_points, "iou", None)
             decode_ms += prediction.decode_ms
             post_ms += prediction.post_ms
-            mask = _component_at(prediction.mask, foreground)
+            mask = component_at(prediction.mask, foreground)
             side = max(box[2] - box[0], box[3] - box[1], 2.0)
             if not mask.any():
                 grown = box + np.array([-1, -1, 1, 1]) * CLICK_GROWTH * side
             else:
                 fitted = _click_box(mask, foreground, margin, image_size)
-                touching = np.abs(_mask_box(mask) - box) <= 1.0
+                touching = np.abs(box_of(mask) - box) <= 1.0
                 touching &= np.abs(box - limit) > 0.5  # the image edge is no reason to grow
                 if not touching.any():
                     if np.allclose(fitted, box, atol=1.0):
@@ -629,20 +629,21 @@ def check_volume(volume: np.ndarray) -> np.ndarray:
     return volume
 
 
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+def box_of(mask: np.ndarray) -> np.ndarray:
+    """``(x0, y0, x1, y1)`` inclusive bounding box of a non-empty 2D mask as float64 (``items.mask_box``)."""
+    return np.asarray(mask_box(mask), dtype=np.float64)
+
+
+def pixels_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``mask``'s values under ``(N, 2)`` ``(x, y)`` points, rounded and clipped to the mask."""
+    rows = np.clip(np.round(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
+    cols = np.clip(np.round(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
+    return mask[rows, cols]
 
 
 def _click_agreement(mask: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> float:
     """1, halved for each foreground click outside ``mask`` and each background click inside."""
-    def inside(points: np.ndarray) -> np.ndarray:
-        rows = np.clip(np.round(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
-        cols = np.clip(np.round(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
-        return mask[rows, cols]
-
-    misses = int((~inside(foreground)).sum()) + (int(inside(background).sum()) if len(background) else 0)
+    misses = int((~pixels_at(mask, foreground)).sum()) + (int(pixels_at(mask, background).sum()) if len(background) else 0)
     return 0.5 ** misses
 
 
@@ -650,17 +651,21 @@ def _click_score(prediction: Prediction, foreground: np.ndarray, background: np.
     return prediction.score * prediction.stability * _click_agreement(prediction.mask, foreground, background)
 
 
-def _component_at(mask: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-    """The connected parts of ``mask`` under the foreground clicks (all of it if none is hit)."""
+def components_hit(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The connected parts of ``mask`` under ``(N, 2)`` ``(x, y)`` points (empty if none is hit)."""
     from scipy import ndimage
 
-    components, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    rows = np.clip(np.round(foreground[:, 1]).astype(int), 0, mask.shape[0] - 1)
-    cols = np.clip(np.round(foreground[:, 0]).astype(int), 0, mask.shape[1] - 1)
-    hit = {int(v) for v in components[rows, cols] if v}
-    return np.isin(components, list(hit)) if hit else mask
+    if not len(points) or not mask.any():
+        return np.zeros_like(mask)
+    components, _ = ndimage.label(mask)
+    hit = {int(v) for v in pixels_at(components, points) if v}
+    return np.isin(components, list(hit)) if hit else np.zeros_like(mask)
+
+
+def component_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The connected parts of ``mask`` under ``points`` (all of it if none is hit)."""
+    hit = components_hit(mask, points)
+    return hit if hit.any() else mask
 
 
 def _click_box(mask: np.ndarray, foreground: np.ndarray, margin: float, image_size: tuple[int, int]) -> np.ndarray:

@@ -35,7 +35,16 @@ import numpy as np
 from scipy import ndimage
 
 from medsegx.metrics import dice
-from medsegx.predictor import Prediction, Predictor, check_volume, context_indices
+from medsegx.predictor import (
+    Prediction,
+    Predictor,
+    box_of,
+    check_volume,
+    component_at,
+    components_hit,
+    context_indices,
+    pixels_at,
+)
 from medsegx.taxonomy import TaskContext
 from medsegx.transforms import validate_box3d
 
@@ -336,7 +345,7 @@ class VolumeSession:
         boxes = self._foreground_boxes(z, click)
         chosen = _best_obeying(self._decode(z, boxes) if boxes else [], foreground, background)
         if chosen is None:  # no box makes the model take in the click: the click's own neighbourhood, so it still counts
-            added = _disk(old.shape, click.x, click.y, self._miss_radius(z, click)) & ~_components_hit(old, background)
+            added = _disk(old.shape, click.x, click.y, self._miss_radius(z, click)) & ~components_hit(old, background)
             self.mask[z] = old | added
             for step in (1, -1):
                 self._follow_added(z, step, added & ~old, self.reference)
@@ -345,7 +354,7 @@ class VolumeSession:
         if old.any() and FOREGROUND_REACH:  # the miss around the click reaches about as far as the click is from the mask
             distance = float(ndimage.distance_transform_edt(~old)[int(round(click.y)), int(round(click.x))])
             added &= _disk(old.shape, click.x, click.y, max(2.0, FOREGROUND_REACH * distance))
-        self.mask[z] = (old | added) & ~_components_hit(old | added, background)
+        self.mask[z] = (old | added) & ~components_hit(old | added, background)
         self.scores[z] = chosen.score
         reference = _Reference(min(chosen.score, self.reference.score), min(chosen.stability, self.reference.stability))
         for step in (1, -1):
@@ -383,7 +392,7 @@ class VolumeSession:
             prediction = self._decode(z, [box])[0]
             if not self._passes(prediction, reference, z):
                 return
-            found = _components_hit(prediction.mask, np.argwhere(region)[:, ::-1].astype(np.float64))
+            found = components_hit(prediction.mask, np.argwhere(region)[:, ::-1].astype(np.float64))
             new = found & ~self.mask[z]
             if new.sum() < self.settings.min_pixels:
                 return
@@ -404,7 +413,7 @@ class VolumeSession:
             return
         points = self._points_on(z)
         foreground = points[points[:, 2] == 1, :2]
-        hit = _components_hit(old, np.array([[click.x, click.y]]))
+        hit = components_hit(old, np.array([[click.x, click.y]]))
         if hit.any() and hit.sum() <= (old & ~hit).sum() and not _any_inside(hit, foreground):
             self.mask[z] = old & ~hit  # a separate, smaller piece leaked: remove it
         else:  # the leak around the click reaches about as far as the click is from the mask's edge
@@ -437,7 +446,7 @@ class VolumeSession:
         if prediction.mask.sum() < self.settings.min_pixels:
             return
         self.mask[click.z] = prediction.mask
-        self.limit = self._grown_limit(mask_box(prediction.mask), self.settings.click_limit_growth)
+        self.limit = self._grown_limit(box_of(prediction.mask), self.settings.click_limit_growth)
         for step in (1, -1):
             self._chain(click.z, step, self.reference)
 
@@ -454,11 +463,11 @@ class VolumeSession:
         boxes = []
         old = self.mask[z]
         if old.any():
-            boxes.append(_union_box(mask_box(old), point, margin))
+            boxes.append(_union_box(box_of(old), point, margin))
         neighbour = self._nearest_masked(z)
         sizes = []
         if neighbour is not None:
-            box = mask_box(self.mask[neighbour])
+            box = box_of(self.mask[neighbour])
             boxes.append(_union_box(box, point, margin))
             boxes.append(_moved_onto(box, point))
             sizes.append(np.array([box[2] - box[0], box[3] - box[1]]))
@@ -511,7 +520,7 @@ def _start_confidence(prediction: Prediction, box: np.ndarray) -> float:
     """Predicted IoU x stability x how well the mask's bounding box fills the prompt box."""
     if not prediction.mask.any():
         return 0.0
-    return prediction.score * prediction.stability * box_iou(mask_box(prediction.mask), box)
+    return prediction.score * prediction.stability * box_iou(box_of(prediction.mask), box)
 
 
 def _confidence(prediction: Prediction) -> float:
@@ -539,40 +548,12 @@ def _best_obeying(predictions: list[Prediction], foreground: np.ndarray, backgro
     return best
 
 
-def _pixels(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
-    rows = np.clip(np.round(points[:, 1]).astype(int), 0, mask.shape[0] - 1)
-    cols = np.clip(np.round(points[:, 0]).astype(int), 0, mask.shape[1] - 1)
-    return mask[rows, cols]
-
-
 def _all_inside(mask: np.ndarray, points: np.ndarray) -> bool:
-    return not len(points) or bool(_pixels(mask, points).all())
+    return not len(points) or bool(pixels_at(mask, points).all())
 
 
 def _any_inside(mask: np.ndarray, points: np.ndarray) -> bool:
-    return bool(len(points)) and bool(_pixels(mask, points).any())
-
-
-def _components_hit(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """The connected parts of ``mask`` under ``points`` (empty if none is hit)."""
-    if not len(points) or not mask.any():
-        return np.zeros_like(mask)
-    components, _ = ndimage.label(mask)
-    hit = {int(v) for v in _pixels(components, points) if v}
-    return np.isin(components, list(hit)) if hit else np.zeros_like(mask)
-
-
-def component_at(mask: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """The connected parts of ``mask`` under ``points`` (all of it if none is hit)."""
-    hit = _components_hit(mask, points)
-    return hit if hit.any() else mask
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """``(x0, y0, x1, y1)`` inclusive bounding box of a non-empty 2D mask, float64."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.float64)
+    return bool(len(points)) and bool(pixels_at(mask, points).any())
 
 
 def _union_box(box: np.ndarray, point: np.ndarray, margin: float) -> np.ndarray:
@@ -593,7 +574,7 @@ def _clipped(box: np.ndarray, limit: np.ndarray) -> np.ndarray | None:
 
 def propagated_box(previous: np.ndarray, margin: int, limit: np.ndarray | None) -> np.ndarray | None:
     """Bounding box of ``previous`` pushed out by ``margin``, clipped to ``limit``; None if disjoint."""
-    box = mask_box(previous) + np.array([-margin, -margin, margin, margin], dtype=np.float64)
+    box = box_of(previous) + np.array([-margin, -margin, margin, margin], dtype=np.float64)
     if limit is None:
         height, width = previous.shape
         limit = np.array([0.0, 0.0, width - 1.0, height - 1.0])
